@@ -1,0 +1,1 @@
+"""FedKTL (Zhang et al., CVPR 2024) as an htfl plugin."""

@@ -1,0 +1,184 @@
+"""``htfl`` command line: run | list | data show | compare (+ plugin commands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from htfl_plugins import __version__
+from htfl_plugins import config as config_mod
+from htfl_plugins.config import RunConfig
+from htfl_plugins.errors import HtflError, PluginError
+from htfl_plugins.plugins import KINDS, get_plugins
+
+log = logging.getLogger("htfl")
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one line and exit code 2."""
+
+    def error(self, message):
+        raise HtflError(f"{self.prog}: {message}")
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+# ------------------------------------------------------------------ run
+def _common_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every round")
+
+
+def run_config_from_args(argv: list[str], prog: str = "htfl run"):
+    """Parse ``htfl run`` arguments into a RunConfig (defaults < TOML < flags)."""
+    plugins = get_plugins()
+    pre = Parser(prog=prog, add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--algo")
+    known, _ = pre.parse_known_args(argv)
+    file_values = {}
+    if known.config:
+        file_values = {k.replace("-", "_"): v for k, v in config_mod.load_toml(known.config).items()}
+    algo_name = known.algo or file_values.get("algo") or RunConfig.algo
+    algo = plugins.algorithm(algo_name)
+
+    parser = Parser(prog=prog, description=f"Run {algo_name}: {algo.summary}",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_run_flags(parser)
+    config_mod.add_arguments(parser.add_argument_group("run settings"), RunConfig, skip={"options"})
+    group = parser.add_argument_group(f"{algo_name} options")
+    try:
+        config_mod.add_arguments(group, algo.options)
+    except argparse.ArgumentError as exc:
+        raise PluginError(f"plugin {algo.plugin!r}: an option of {algo_name!r} clashes with a run flag: {exc}") from None
+    args = vars(parser.parse_args(argv))
+    meta = {k: args.pop(k) for k in ("config", "quiet", "verbose")}
+    option_names = {f.name for f in config_mod.fields_of(algo.options)}
+    options = {k.replace("-", "_"): v for k, v in (file_values.pop("options", {}) or {}).items()}
+    options.update({k: v for k, v in args.items() if k in option_names})
+    values = {**file_values, **{k: v for k, v in args.items() if k not in option_names}}
+    values["options"] = options
+    values["algo"] = algo_name
+    cfg = config_mod.build(RunConfig, values, "setting(s)" + (f" in {known.config}" if known.config else ""))
+    return cfg, meta
+
+
+def cmd_run(argv: list[str]) -> int:
+    from htfl_plugins.engine import run
+
+    cfg, meta = run_config_from_args(argv)
+    _setup_logging(meta["quiet"], meta["verbose"])
+    path = run(cfg, quiet=meta["quiet"])
+    print(path)
+    return 0
+
+
+# ------------------------------------------------------------------ list
+def cmd_list(args) -> int:
+    plugins = get_plugins()
+    reg = plugins.registry(args.kind)
+    names = reg.names()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        item = reg.get(name)
+        print(f"{name:<{width}}  {item.summary}  [{item.plugin}]")
+    return 0
+
+
+# ------------------------------------------------------------------ data
+def cmd_data(argv: list[str]) -> int:
+    from htfl_plugins.data import load_scenario
+
+    parser = Parser(prog="htfl data show", description="Build (or load) a scenario and print "
+                    "each client's label histogram.")
+    config_mod.add_arguments(parser, RunConfig, skip={"options", "algo"})
+    args = vars(parser.parse_args(argv))
+    cfg = config_mod.build(RunConfig, args, "setting(s)")
+    _setup_logging(False, False)
+    plugins = get_plugins()
+    if not cfg.dataset.startswith("pfl:"):
+        plugins.registry("partitioners").get(cfg.partition)
+    scenario = load_scenario(cfg, plugins)
+    hist = scenario.histogram()
+    print(f"{scenario.dataset}: {len(scenario.clients)} clients, {scenario.num_classes} classes, "
+          f"input {'×'.join(map(str, scenario.input_shape))}; cached at {scenario.path}")
+    k = scenario.num_classes
+    head = "client  train  test  " + " ".join(f"{c:>5}" for c in range(k))
+    print(head)
+    for i, (c, row) in enumerate(zip(scenario.clients, hist)):
+        print(f"{i:>6}  {c.n_train:>5}  {c.n_test:>4}  " + " ".join(f"{v:>5}" for v in row))
+    return 0
+
+
+# ------------------------------------------------------------------ compare
+def cmd_compare(args) -> int:
+    from htfl_plugins.results.load import compare_table, load, plot_curves
+
+    df = load(args.paths)
+    table = compare_table(df, by=args.by.split(",") if args.by else None)
+    shown = table.drop(columns=["best_acc_mean"])
+    print(shown.to_markdown(index=False, floatfmt=".4g"))
+    if args.csv:
+        shown.to_csv(args.csv, index=False)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(shown.to_markdown(index=False, floatfmt=".4g") + "\n")
+    if args.plot:
+        plot_curves(df, args.plot)
+        print(f"curves written to {args.plot}")
+    return 0
+
+
+# ------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="htfl", description="Heterogeneous federated learning with plugin algorithms.")
+    parser.add_argument("--version", action="version", version=f"htfl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.add_parser("run", help="run one experiment (htfl run --algo NAME --help for its options)",
+                   add_help=False)
+    p = sub.add_parser("list", help="list registered plugins' items")
+    p.add_argument("kind", choices=list(KINDS))
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("data", help="inspect scenarios")
+    p.add_argument("action", choices=["show"])
+    p = sub.add_parser("compare", help="table (and curves) from result files")
+    p.add_argument("paths", nargs="+", help="result files or folders")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--markdown", help="also write the table as markdown")
+    p.add_argument("--plot", help="draw accuracy curves to this image file")
+    p.add_argument("--by", help="comma-separated columns to group by "
+                   "(default algo,options,dataset,partition,clients,models)")
+    p.set_defaults(func=cmd_compare)
+    get_plugins().hook.register_commands(subparsers=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "run":
+            return cmd_run(argv[1:])
+        if argv[:2] == ["data", "show"]:
+            return cmd_data(argv[2:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        _setup_logging(False, False)
+        return int(args.func(args) or 0)
+    except HtflError as exc:
+        print(f"htfl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("htfl: interrupted; the rounds finished so far are in the result file", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The typed run configuration and the dataclass → command-line flag mapping.
+
+Every setting has one name, used alike as a dataclass field, a TOML key and a
+flag (``join_ratio`` ↔ ``--join-ratio``). Algorithm options are dataclasses of
+the same kind; their fields become flags of ``htfl run --algo NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from htfl_plugins.errors import HtflError
+
+
+def opt(default, help: str, *, choices=None, alias: str | None = None, min=None, max=None):
+    """A dataclass field with a help text, optional choices and a numeric range."""
+    meta = {"help": help, "choices": choices, "alias": alias, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every algorithm."""
+
+    algo: str = opt("fedktl", "algorithm to run (see `htfl list algorithms`)")
+    dataset: str = opt("fmnist", "data source: digits, fmnist, mnist, cifar10, cifar100, "
+                       "tinyimagenet, flowers102 or pfl:<dir>")
+    data_root: str = opt("", "folder holding the dataset files (torchvision layout)")
+    partition: str = opt("dir", "how samples are split over clients (see `htfl list "
+                         "partitioners`)")
+    alpha: float = opt(0.1, "Dirichlet concentration for dir/exdir", min=1e-6)
+    classes_per_client: int = opt(0, "classes per client for pat/exdir (0: the dataset's "
+                                  "PFLlib default)", min=0)
+    balance: bool = opt(True, "pat: equal shares of each class among its clients")
+    clients: int = opt(20, "number of clients", min=1, alias="-nc")
+    join_ratio: float = opt(1.0, "share of clients selected each round", min=1e-9, max=1.0,
+                            alias="-jr")
+    random_join: bool = opt(False, "select a random number of clients between "
+                            "join_ratio·N and N each round")
+    drop_rate: float = opt(0.0, "share of the selected clients that drop out of a round",
+                           min=0.0, max=1.0)
+    models: str = opt("HtFE-cpu-3", "model group name or comma-separated architectures",
+                      alias="-m")
+    feature_dim: int = opt(512, "width of the feature layer between base and head", min=1)
+    rounds: int = opt(20, "training rounds (evaluation runs at rounds 0..R)", min=0,
+                      alias="-gr")
+    local_epochs: int = opt(1, "local epochs per round", min=1, alias="-ls")
+    batch_size: int = opt(10, "local batch size", min=1, alias="-lbs")
+    lr: float = opt(0.01, "local learning rate (SGD)", min=0.0)
+    eval_gap: int = opt(1, "evaluate every N rounds (the last round always)", min=1)
+    top_cnt: int = opt(0, "stop after this many evaluations without a new best "
+                       "accuracy (0: never)", min=0)
+    train_ratio: float = opt(0.75, "share of each client's samples used for training",
+                             min=0.01, max=0.99)
+    few_shot: int = opt(0, "cap on training samples per class and client (0: no cap)", min=0)
+    data_seed: int = opt(1, "seed of the partition and train/test split (fixed across "
+                         "run seeds, as in PFLlib)")
+    seed: int = opt(0, "seed of everything else: models, client order, sampling")
+    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
+    out: str = opt("results", "folder for the HDF5 result file")
+    name: str = opt("", "result file name without .h5 (default: derived from the settings)")
+    cache_dir: str = opt("", "scenario cache folder (default: $HTFL_HOME or ~/.cache/htfl)")
+    options: dict = opt({}, "algorithm options (TOML table [options]; flags on the CLI)")
+
+    def validate(self) -> "RunConfig":
+        check_ranges(self)
+        if self.partition in ("pat", "exdir") and self.classes_per_client < 0:
+            raise HtflError("--classes-per-client must be positive")
+        return self
+
+
+def _base_type(tp):
+    """The flag type of a field annotation (``int``, ``float``, ``str``, ``bool``)."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"typing": typing}, {})  # annotations are simple builtins here
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp
+
+
+def fields_of(cls) -> list[dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        f.type = hints.get(f.name, f.type)
+        out.append(f)
+    return out
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """Add one typed flag per dataclass field; unset flags stay absent (SUPPRESS)."""
+    for f in fields_of(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(f.type)
+        if tp not in (int, float, str, bool):
+            continue
+        meta = f.metadata or {}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        names = [flag(f.name)]
+        if meta.get("alias"):
+            names.append(meta["alias"])
+        help_text = f"{meta.get('help', '')} (default: {default})"
+        if tp is bool:
+            parser.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True,
+                                metavar="BOOL", help=help_text, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*names, dest=f.name, type=tp, choices=meta.get("choices"),
+                                metavar=None if meta.get("choices") else tp.__name__.upper(),
+                                help=help_text, default=argparse.SUPPRESS)
+
+
+def check_ranges(obj) -> None:
+    """Check types, choices and numeric ranges declared on a dataclass's fields."""
+    for f in fields_of(type(obj)):
+        value = getattr(obj, f.name)
+        tp = _base_type(f.type)
+        meta = f.metadata or {}
+        where = flag(f.name)
+        if tp in (int, float, str, bool):
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(obj, f.name, value)
+            if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+                raise HtflError(f"{where} must be {tp.__name__}, got {value!r}")
+            if tp is float and not math.isfinite(value):
+                raise HtflError(f"{where} must be a finite number, got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise HtflError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise HtflError(f"{where} must be at least {meta['min']}, got {value!r}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise HtflError(f"{where} must be at most {meta['max']}, got {value!r}")
+
+
+def build(cls, values: dict[str, Any], what: str):
+    """Instantiate a dataclass from a mapping, refusing unknown keys, and check it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise HtflError(f"unknown {what} {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    obj = cls(**values)
+    check_ranges(obj)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def load_toml(path: str) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise HtflError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise HtflError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,305 @@
+"""The one round loop. Every algorithm runs through :func:`run`; an algorithm only
+provides its Server and Client.
+
+Row r of the results is the evaluation after r training rounds (row 0: the
+untrained models, as in HtFLlib); the traffic and time in row r belong to
+training round r.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from htfl_plugins import config as config_mod
+from htfl_plugins.config import RunConfig
+from htfl_plugins.data import load_scenario
+from htfl_plugins.engine.base import Payload, RunContext, derive_seed
+from htfl_plugins.engine.executors import make_executor
+from htfl_plugins.errors import HtflError
+from htfl_plugins.results.store import RunRecord
+
+log = logging.getLogger("htfl")
+
+EVAL_BATCH = 512
+
+
+@dataclass
+class RunInfo:
+    """What observers see of a run."""
+
+    config: RunConfig
+    options: Any
+    path: Path
+    num_clients: int
+    archs: list[str]
+    quiet: bool = False
+    best_acc: float = float("nan")
+    best_round: int = -1
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ set-up
+def resolve_models(spec: str, plugins) -> list[str]:
+    groups = plugins.registry("groups")
+    if spec in groups:
+        archs = list(groups.get(spec).obj)
+    else:
+        archs = [a.strip() for a in spec.split(",") if a.strip()]
+    models = plugins.registry("models")
+    for a in archs:
+        if a not in models:
+            raise HtflError(f"unknown model or group {a!r} (see `htfl list models` and `htfl list groups`)")
+    if not archs:
+        raise HtflError("--models is empty")
+    return archs
+
+
+def result_path(cfg: RunConfig) -> Path:
+    if cfg.name:
+        stem = cfg.name
+    else:
+        ds = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset)
+        stem = f"{ds}_{cfg.algo}_{cfg.partition}_{cfg.clients}c_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.out).expanduser() / f"{stem}.h5"
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".htfl-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise HtflError(f"cannot write results to {folder}: {exc.strerror or exc}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(derive_seed(seed, "python"))
+    np.random.seed(derive_seed(seed, "numpy") % (2 ** 32))
+    torch.manual_seed(derive_seed(seed, "torch"))
+
+
+@dataclass
+class Setup:
+    cfg: RunConfig
+    plugins: Any
+    algo: Any
+    options: Any
+    scenario: Any
+    ctx: RunContext
+    path: Path
+
+
+def prepare(cfg: RunConfig, plugins) -> Setup:
+    """Validate everything and load the data; nothing is written but the scenario cache."""
+    config_mod.check_ranges(cfg)
+    cfg.validate()
+    algo = plugins.algorithm(cfg.algo)
+    options = config_mod.build(algo.options, dict(cfg.options), f"option(s) for {cfg.algo}")
+    if not cfg.dataset.startswith("pfl:"):
+        plugins.registry("datasets").get(cfg.dataset)
+    plugins.registry("partitioners").get(cfg.partition)
+    archs = resolve_models(cfg.models, plugins)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise HtflError(f"--device {cfg.device!r} is not a torch device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HtflError(f"--device {cfg.device} asked for, but torch sees no CUDA device")
+    path = result_path(cfg)
+    check_writable(path.parent)
+    scenario = load_scenario(cfg, plugins)
+    c, h, w = scenario.input_shape
+    ctx = RunContext(config=cfg, num_classes=scenario.num_classes, input_shape=(c, h, w),
+                     device=device, num_clients=len(scenario.clients), archs=archs,
+                     plugins=plugins, out_dir=path.parent, run_name=path.stem)
+    check = getattr(algo.server, "check", None)
+    if callable(check):  # an algorithm's own pre-flight checks (weights present, ...)
+        check(options, ctx)
+    return Setup(cfg, plugins, algo, options, scenario, ctx, path)
+
+
+# ------------------------------------------------------------------ evaluation
+def evaluate(clients) -> dict:
+    """Every client on its own test split; accuracy and AUC weighted by test size."""
+    correct, n_test, auc_sum, loss_sum, n_train = 0, 0, 0.0, 0.0, 0
+    per_client = []
+    extra: dict[str, int] = {}
+    for cl in clients:
+        cl.model.eval()
+        with torch.inference_mode():
+            probs, hits = [], 0
+            for start in range(0, cl.data.n_test, EVAL_BATCH):
+                x = cl.data.x_test[start:start + EVAL_BATCH].to(cl.device)
+                y = cl.data.y_test[start:start + EVAL_BATCH].to(cl.device)
+                s = cl.scores(x)
+                hits += int((s.argmax(1) == y).sum())
+                for name, alt in cl.extra_scores(x).items():
+                    extra[name] = extra.get(name, 0) + int((alt.argmax(1) == y).sum())
+                probs.append(F.softmax(s.double(), 1).cpu())
+            probs = torch.cat(probs).numpy()
+            onehot = np.eye(cl.ctx.num_classes)[cl.data.y_test.numpy()]
+            auc = roc_auc_score(onehot, probs, average="micro")
+            loss = 0.0
+            for start in range(0, cl.data.n_train, EVAL_BATCH):
+                x = cl.data.x_train[start:start + EVAL_BATCH].to(cl.device)
+                y = cl.data.y_train[start:start + EVAL_BATCH].to(cl.device)
+                loss += float(cl.eval_loss(x, y)) * len(y)
+        correct += hits
+        n_test += cl.data.n_test
+        auc_sum += auc * cl.data.n_test
+        loss_sum += loss
+        n_train += cl.data.n_train
+        per_client.append(hits / max(cl.data.n_test, 1))
+    return {"test_acc": correct / n_test, "test_auc": auc_sum / n_test,
+            "train_loss": loss_sum / max(n_train, 1), "client_test_acc": per_client,
+            "extra": {f"acc_{k}": v / n_test for k, v in extra.items()}}
+
+
+# ------------------------------------------------------------------ communication
+def payload_size(payload: Payload) -> tuple[int, int]:
+    """(elements, bytes) of a payload."""
+    elements = sum(int(t.numel()) for t in payload.values())
+    nbytes = sum(int(t.numel()) * t.element_size() for t in payload.values())
+    return elements, nbytes
+
+
+def check_upload(algo_name: str, client, payload) -> None:
+    """Refuse anything a client's class does not declare, and non-finite values."""
+    if not isinstance(payload, dict):
+        raise HtflError(f"algorithm {algo_name!r}: client {client.cid} uploaded a "
+                        f"{type(payload).__name__}, not a mapping of named tensors")
+    for name, t in payload.items():
+        if not isinstance(t, torch.Tensor):
+            raise HtflError(f"algorithm {algo_name!r}: upload {name!r} of client {client.cid} is "
+                            f"a {type(t).__name__}, not a tensor")
+        if not any(fnmatch.fnmatchcase(name, pat) for pat in type(client).uploads):
+            raise HtflError(f"algorithm {algo_name!r}: client {client.cid} tried to upload "
+                            f"undeclared tensor {name!r}; it declares {list(type(client).uploads)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HtflError(f"algorithm {algo_name!r}: upload {name!r} of client {client.cid} "
+                            "holds NaN or Inf values")
+
+
+# ------------------------------------------------------------------ selection
+def select_clients(rng: np.random.Generator, n: int, cfg: RunConfig) -> list[int]:
+    k = max(1, int(n * cfg.join_ratio))
+    if cfg.random_join and k < n:
+        k = int(rng.integers(k, n + 1))
+    return sorted(rng.choice(n, size=k, replace=False).tolist())
+
+
+def drop_clients(rng: np.random.Generator, selected: list[int], rate: float) -> tuple[list[int], int]:
+    n_drop = int(len(selected) * rate)
+    if n_drop == 0:
+        return selected, 0
+    dropped = set(rng.choice(selected, size=n_drop, replace=False).tolist())
+    return [c for c in selected if c not in dropped], n_drop
+
+
+# ------------------------------------------------------------------ the loop
+def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
+    """Run one federated experiment and return the path of its HDF5 result file."""
+    from htfl_plugins.plugins import get_plugins
+
+    plugins = plugins or get_plugins()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    s = prepare(cfg, plugins)
+    ctx, n = s.ctx, len(s.scenario.clients)
+    seed_everything(cfg.seed)
+    clients = [s.algo.client(i, ctx.archs[i % len(ctx.archs)], s.scenario.clients[i].to(ctx.device),
+                             s.options, ctx) for i in range(n)]
+    server = s.algo.server(s.options, ctx)
+    executor = make_executor(cfg)
+    rng = np.random.default_rng(derive_seed(cfg.seed, "loop"))
+    record = RunRecord(s.path, {**config_mod.to_dict(cfg), "options": config_mod.to_dict(s.options)},
+                       n, extra_attrs={"archs": ctx.archs, "num_classes": ctx.num_classes,
+                                       "scenario": s.scenario.path})
+    info = RunInfo(cfg, s.options, s.path, n, ctx.archs, quiet=quiet)
+    hook = plugins.hook
+    hook.on_run_start(run=info)
+    status = "failed"
+    since_best = 0
+    try:
+        for r in range(cfg.rounds + 1):
+            t0 = time.perf_counter()
+            up_b = np.zeros(n)
+            down_b = np.zeros(n)
+            up_e = down_e = 0
+            selected, dropped = [], 0
+            if r > 0:
+                selected, dropped = drop_clients(rng, select_clients(rng, n, cfg), cfg.drop_rate)
+                downloads = server.broadcast(r, selected) or {}
+                for cid, payload in downloads.items():
+                    e, b = payload_size(payload)
+                    down_e += e
+                    down_b[cid] += b
+                results = executor.train(clients, selected, downloads)
+                uploads = {}
+                for cid, (loss, payload) in results.items():
+                    if not math.isfinite(loss):
+                        raise HtflError(f"round {r}: client {cid} ({clients[cid].arch}) reached a "
+                                        f"non-finite training loss ({loss}); lower --lr or check "
+                                        f"the {cfg.algo} options")
+                    check_upload(cfg.algo, clients[cid], payload)
+                    e, b = payload_size(payload)
+                    up_e += e
+                    up_b[cid] += b
+                    uploads[cid] = payload
+                server.update(r, uploads)
+            t1 = time.perf_counter()
+            if r % cfg.eval_gap == 0 or r == cfg.rounds:
+                m = evaluate(clients)
+            else:
+                m = {"test_acc": math.nan, "test_auc": math.nan, "train_loss": math.nan,
+                     "client_test_acc": [math.nan] * n, "extra": {}}
+            t2 = time.perf_counter()
+            record.add(round=r, **m, upload_bytes=int(up_b.sum()), download_bytes=int(down_b.sum()),
+                       upload_elements=up_e, download_elements=down_e,
+                       client_upload_bytes=up_b.tolist(), client_download_bytes=down_b.tolist(),
+                       round_seconds=t2 - t0, train_seconds=t1 - t0, eval_seconds=t2 - t1,
+                       selected_clients=len(selected), dropped_clients=dropped)
+            record.write()
+            if not math.isnan(m["test_acc"]):
+                if not m["test_acc"] <= info.best_acc:  # also true while best is NaN
+                    info.best_acc, info.best_round, since_best = m["test_acc"], r, 0
+                else:
+                    since_best += 1
+            metrics = {k: v for k, v in m.items() if k not in ("client_test_acc", "extra")}
+            metrics.update(m["extra"])
+            metrics.update(upload_bytes=int(up_b.sum()), download_bytes=int(down_b.sum()),
+                           round_seconds=t2 - t0)
+            log.debug("round %d: %s", r, metrics)
+            hook.on_round_end(run=info, round=r, metrics=metrics)
+            if cfg.top_cnt and since_best >= cfg.top_cnt:
+                log.info("no new best accuracy for %d evaluations: stopping at round %d", since_best, r)
+                status = "stopped_early"
+                break
+        else:
+            status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        executor.close()
+        if len(record):
+            record.extra_attrs.update(best_acc=info.best_acc, best_round=info.best_round)
+            record.write(status)
+        hook.on_run_end(run=info, path=s.path, status=status)
+    return s.path

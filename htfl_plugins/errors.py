@@ -1,0 +1,9 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+
+class HtflError(Exception):
+    """A problem with the user's input or environment, reported as one clear line."""
+
+
+class PluginError(HtflError):
+    """A plugin failed to load or registered something inconsistent."""
