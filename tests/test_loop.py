@@ -1,0 +1,160 @@
+"""The round loop: evaluation protocol, selection, accounting, reproducibility, stops."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from htfl_plugins import __version__, hookimpl
+from htfl_plugins.engine import Client, Server, run
+from htfl_plugins.errors import HtflError
+from htfl_plugins.plugins import load
+from htfl_plugins.results import read_run
+
+
+# ------------------------------------------------------------------ toy algorithms
+@dataclass
+class ToyOptions:
+    size: int = 7
+    bad: str = ""
+
+
+class ToyClient(Client):
+    uploads = ("vec", "count")
+
+    def train(self):
+        if self.options.bad == "nan":
+            return float("nan")
+        return super().train()
+
+    def upload(self):
+        if self.options.bad == "undeclared":
+            return {"vec": torch.zeros(self.options.size), "raw_images": self.data.x_train[:4]}
+        if self.options.bad == "inf":
+            return {"vec": torch.full((self.options.size,), float("inf"))}
+        return {"vec": torch.zeros(self.options.size), "count": torch.tensor([self.data.n_train])}
+
+
+class ToyServer(Server):
+    seen: list
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        self.seen = []
+
+    def broadcast(self, round, selected):
+        # client i gets i+1 floats (different sizes per client)
+        return {cid: {"w": torch.zeros(cid + 1, dtype=torch.float64)} for cid in selected}
+
+    def update(self, round, uploads):
+        self.seen.append(sorted(uploads))
+
+
+class ToyPlugin:
+    @hookimpl
+    def register_algorithms(self, register):
+        register("toy", server=ToyServer, client=ToyClient, options=ToyOptions, summary="test")
+
+
+@pytest.fixture(scope="module")
+def toy_plugins():
+    return load(extra=[ToyPlugin()])
+
+
+# ------------------------------------------------------------------ the protocol
+def test_result_file_has_every_key(digits_config):
+    path = run(digits_config(), quiet=True)
+    r = read_run(path)
+    assert list(r["round"]) == [0, 1, 2]
+    for key in ["test_acc", "test_auc", "train_loss", "upload_bytes", "download_bytes",
+                "round_seconds"]:
+        assert r[key].shape == (3,), key
+        assert np.isfinite(r[key]).all(), key
+    assert r["client_test_acc"].shape == (3, 4)
+    import h5py
+
+    with h5py.File(path) as f:
+        assert list(f["rs_test_acc"][:]) == list(r["test_acc"])
+        assert len(f["rs_test_auc"]) == 3 and len(f["rs_train_loss"]) == 3
+        assert f.attrs["algorithm"] == "local" and f.attrs["dataset"] == "digits"
+        assert f.attrs["seed"] == 0 and f.attrs["version"] == __version__
+        assert f.attrs["status"] == "finished"
+        assert json.loads(f.attrs["config"])["clients"] == 4
+    # round 0 evaluates the untrained models; training helps
+    assert r["test_acc"][2] > r["test_acc"][0] + 0.2
+    assert 0.5 <= r["test_auc"][2] <= 1.0
+
+
+def test_accuracy_is_weighted_by_test_size(digits_config):
+    from htfl_plugins.data import load_scenario
+    from htfl_plugins.plugins import get_plugins
+
+    cfg = digits_config()
+    r = read_run(run(cfg, quiet=True))
+    sizes = np.array([c.n_test for c in load_scenario(cfg, get_plugins()).clients])
+    expected = (r["client_test_acc"] * sizes).sum(1) / sizes.sum()
+    assert np.allclose(r["test_acc"], expected)
+    assert not np.allclose(r["test_acc"], r["client_test_acc"].mean(1))
+
+
+def test_same_seed_same_curves_other_seed_other_curves(digits_config):
+    a = read_run(run(digits_config(seed=3, name="a"), quiet=True))
+    b = read_run(run(digits_config(seed=3, name="b"), quiet=True))
+    c = read_run(run(digits_config(seed=4, name="c"), quiet=True))
+    for key in ["test_acc", "test_auc", "train_loss", "client_test_acc"]:
+        assert np.array_equal(a[key], b[key]), key
+    assert not np.array_equal(a["train_loss"], c["train_loss"])
+
+
+def test_communication_is_counted_per_client(digits_config, toy_plugins):
+    r = read_run(run(digits_config(algo="toy", options={"size": 7}), plugins=toy_plugins, quiet=True))
+    # upload: 7 float32 + 1 int64 per client; download: client i gets i+1 float64
+    assert list(r["upload_bytes"]) == [0, 4 * (7 * 4 + 8), 4 * (7 * 4 + 8)]
+    assert list(r["upload_elements"]) == [0, 32, 32]
+    assert list(r["download_bytes"]) == [0, 8 * (1 + 2 + 3 + 4)] * 1 + [8 * 10]
+    assert r["client_download_bytes"][1].tolist() == [8, 16, 24, 32]
+
+
+def test_join_ratio_and_drop_rate(digits_config, toy_plugins):
+    cfg = digits_config(algo="toy", clients=8, partition="iid", join_ratio=0.5, rounds=4)
+    r = read_run(run(cfg, plugins=toy_plugins, quiet=True))
+    assert list(r["selected_clients"]) == [0, 4, 4, 4, 4]
+    assert (r["client_upload_bytes"][1:] > 0).sum(1).tolist() == [4, 4, 4, 4]
+    cfg = digits_config(algo="toy", clients=8, partition="iid", drop_rate=0.25, rounds=2, name="d")
+    r = read_run(run(cfg, plugins=toy_plugins, quiet=True))
+    assert list(r["selected_clients"]) == [0, 6, 6] and list(r["dropped_clients"]) == [0, 2, 2]
+
+
+def test_eval_gap_keeps_round_zero_and_last(digits_config):
+    r = read_run(run(digits_config(rounds=3, eval_gap=2), quiet=True))
+    assert np.isfinite(r["test_acc"][[0, 2, 3]]).all() and math.isnan(r["test_acc"][1])
+
+
+def test_top_cnt_stops_early(digits_config):
+    path = run(digits_config(rounds=10, lr=0.0, top_cnt=2), quiet=True)
+    r = read_run(path)
+    assert len(r["round"]) == 3  # best at round 0, then two evaluations without a new best
+    assert r["attrs"]["status"] == "stopped_early"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("undeclared", "undeclared tensor 'raw_images'"),
+    ("inf", "NaN or Inf"),
+    ("nan", "round 1: client 0"),
+])
+def test_bad_uploads_and_losses_are_refused(digits_config, toy_plugins, bad, message):
+    with pytest.raises(HtflError, match=message):
+        run(digits_config(algo="toy", options={"bad": bad}), plugins=toy_plugins, quiet=True)
+
+
+def test_failed_run_keeps_its_finished_rounds(digits_config, toy_plugins, tmp_path):
+    with pytest.raises(HtflError):
+        run(digits_config(algo="toy", options={"bad": "nan"}, name="f"), plugins=toy_plugins, quiet=True)
+    r = read_run(tmp_path / "results" / "f.h5")
+    assert r["attrs"]["status"] == "failed" and list(r["round"]) == [0]
+    assert not list((tmp_path / "results").glob("*.tmp"))
