@@ -122,7 +122,7 @@ class FedKTLClient(Client):
 
     # -------------------------------------------------------------- exchange
     def receive(self, payload):
-        if "images" not in payload:
+        if "images" not in payload or self.options.mu == 0:
             return
         self.pairs = (payload["images"].to(self.device), payload["latents"].to(self.device))
         latent_dim = self.pairs[1].shape[1]
@@ -231,7 +231,7 @@ class FedKTLServer(Server):
 
     # -------------------------------------------------------------- exchange
     def broadcast(self, round, selected):
-        if self.pairs is None:
+        if self.pairs is None or self.options.mu == 0:  # μ = 0: clients would not use them
             return {}
         return self.to_all(selected, self.pairs)
 
