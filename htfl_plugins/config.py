@@ -62,8 +62,8 @@ class RunConfig:
                              min=0.01, max=0.99)
     few_shot: int = opt(0, "cap on training samples per class and client (0: no cap)", min=0)
     data_seed: int = opt(1, "seed of the partition and train/test split (fixed across "
-                         "run seeds, as in PFLlib)")
-    seed: int = opt(0, "seed of everything else: models, client order, sampling")
+                         "run seeds, as in PFLlib)", min=0)
+    seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
     out: str = opt("results", "folder for the HDF5 result file")

@@ -13,9 +13,11 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from sklearn.model_selection import train_test_split
 
 from htfl_plugins.data.partition import PartitionSpec, min_samples
 from htfl_plugins.data.sources import cache_home, default_classes_per_client
-from htfl_plugins.data.types import ClientData, Scenario, normalise
+from htfl_plugins.data.types import ClientData, Scenario
 from htfl_plugins.errors import HtflError
 
 log = logging.getLogger("htfl.data")
@@ -62,18 +64,37 @@ def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise HtflError(f"scenario file {path} is missing")
+    if not zipfile.is_zipfile(path):  # np.load would otherwise try it as a bare pickle
+        raise HtflError(f"scenario file {path} is corrupt or not in PFLlib's format: "
+                        "not an .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=True) as f:
             d = f["data"].tolist()
         x, y = np.asarray(d["x"], dtype=np.float32), np.asarray(d["y"], dtype=np.int64)
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
-        raise HtflError(f"scenario file {path} is corrupt or not in PFLlib's format: {exc}") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, AttributeError,
+            TypeError, IndexError, zlib.error, pickle.UnpicklingError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise HtflError(f"scenario file {path} is corrupt or not in PFLlib's format: {text}") from None
     if x.ndim == 3:  # PFLlib stores single-channel images as N×H×W in some scripts
         x = x[:, None]
-    if x.ndim != 4 or len(x) != len(y):
-        raise HtflError(f"scenario file {path} holds x of shape {x.shape} and {len(y)} labels; "
-                        "expected N×C×H×W images")
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise HtflError(f"scenario file {path} holds x of shape {x.shape} and y of shape "
+                        f"{y.shape}; expected N×C×H×W images and N labels")
     return x, y
+
+
+def _normaliser(x: np.ndarray):
+    """PFLlib's Normalize(0.5, 0.5) after ToTensor, applied to slices of the pool so that
+    only one client's images are ever held as float32; the scale is decided once for
+    the whole pool (uint8 or values above 1 → divide by 255)."""
+    scale = 255.0 if x.dtype == np.uint8 or x.max(initial=0) > 1.0 else 1.0
+
+    def apply(idx: np.ndarray) -> np.ndarray:
+        return (x[idx].astype(np.float32) / np.float32(scale) - 0.5) / 0.5
+
+    return apply
 
 
 def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
@@ -88,7 +109,11 @@ def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
     parts = partitioner(raw.y, spec, rng)
     if len(parts) != cfg.clients:
         raise HtflError(f"partitioner {cfg.partition!r} returned {len(parts)} parts for {cfg.clients} clients")
-    x_all = normalise(raw.x)
+    for i, idx in enumerate(parts):
+        if len(idx) < 2:
+            raise HtflError(f"partitioner {cfg.partition!r} gave client {i} {len(idx)} samples; "
+                            "at least 2 are needed for a train/test split")
+    norm = _normaliser(raw.x)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
@@ -98,8 +123,8 @@ def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
         for i, idx in enumerate(parts):
             tr, te = train_test_split(idx, train_size=cfg.train_ratio, shuffle=True,
                                       random_state=cfg.data_seed * 100003 + i)
-            _save_npz(tmp / "train" / f"{i}.npz", x_all[tr], raw.y[tr])
-            _save_npz(tmp / "test" / f"{i}.npz", x_all[te], raw.y[te])
+            _save_npz(tmp / "train" / f"{i}.npz", norm(tr), raw.y[tr])
+            _save_npz(tmp / "test" / f"{i}.npz", norm(te), raw.y[te])
             counts = np.bincount(raw.y[idx], minlength=raw.num_classes)
             stats.append([[int(c), int(v)] for c, v in enumerate(counts) if v])
         config = {
@@ -111,12 +136,19 @@ def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
             "Size of samples for labels in clients": stats,
             "alpha": cfg.alpha,
             "batch_size": cfg.batch_size,
-            "htfl": {**params, "input_shape": list(x_all.shape[1:]), "classes": raw.classes},
+            "htfl": {**params, "input_shape": list(raw.x.shape[1:]),
+                     "classes": [str(c) for c in raw.classes]},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same scenario first: keep theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,18 +164,35 @@ def read_scenario(folder: Path, dataset: str, train_ratio_hint=None) -> Scenario
         k = int(config["num_classes"])
     except (ValueError, KeyError, TypeError) as exc:
         raise HtflError(f"{cfg_path} is corrupt: {exc}") from None
+    if n < 1 or k < 1:
+        raise HtflError(f"{cfg_path} gives {n} clients and {k} classes; both must be positive")
     clients = []
+    shape = None
     for i in range(n):
-        xtr, ytr = _load_npz(folder / "train" / f"{i}.npz")
-        xte, yte = _load_npz(folder / "test" / f"{i}.npz")
+        for split in ("train", "test"):
+            path = folder / split / f"{i}.npz"
+            x, y = _load_npz(path)
+            if y.size and (y.min() < 0 or y.max() >= k):
+                raise HtflError(f"scenario file {path} holds labels {y.min()}..{y.max()}, but "
+                                f"{cfg_path} gives num_classes {k}")
+            if shape is None:
+                shape = tuple(x.shape[1:])
+            elif tuple(x.shape[1:]) != shape:
+                raise HtflError(f"scenario file {path} holds images of shape {tuple(x.shape[1:])}, "
+                                f"other files {shape}")
+            if split == "train":
+                xtr, ytr = x, y
+            else:
+                xte, yte = x, y
         clients.append(ClientData(torch.from_numpy(xtr), torch.from_numpy(ytr),
                                   torch.from_numpy(xte), torch.from_numpy(yte)))
-    shape = tuple(clients[0].x_train.shape[1:])
     return Scenario(dataset, k, shape, clients, config, str(folder))
 
 
 def few_shot(data: ClientData, cap: int, generator: torch.Generator) -> ClientData:
     """Keep at most ``cap`` training samples of each class (test split unchanged)."""
+    if data.n_train == 0:
+        return data
     keep = []
     for c in torch.unique(data.y_train).tolist():
         idx = torch.nonzero(data.y_train == c).flatten()

@@ -7,6 +7,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,17 @@ def _missing(name: str, looked: list, how: str) -> HtflError:
     return HtflError(f"{name} not found (looked in {where}); {how}")
 
 
-def _corrupt(name: str, path, exc: Exception) -> HtflError:
+def _corrupt(name: str, path, exc: Exception | str) -> HtflError:
+    """One line naming the file and what is wrong with it."""
+    if isinstance(exc, Exception):
+        text = " ".join(str(exc).split())
+        exc = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return HtflError(f"{name}: cannot read {path}: {exc}")
+
+
+def _check_labels(name: str, path, y: np.ndarray, k: int) -> None:
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise _corrupt(name, path, f"labels must lie in 0..{k - 1}, found {y.min()}..{y.max()}")
 
 
 # ---------------------------------------------------------------- digits
@@ -53,7 +63,7 @@ def read_idx(path: Path) -> np.ndarray:
         if arr.size != int(np.prod(dims)):
             raise ValueError(f"expected {int(np.prod(dims))} values, found {arr.size}")
         return arr.reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error) as exc:
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as exc:
         raise _corrupt("IDX file", path, exc) from None
 
 
@@ -70,11 +80,18 @@ def _load_idx_family(name: str, folders: list[Path], how: str, classes: list[str
     for folder in folders:
         found = [_find_idx(folder, s) for s in stems]
         if all(found):
-            xtr, ytr, xte, yte = (read_idx(p) for p in found)
+            arrays = [read_idx(p) for p in found]
+            for p, a, ndim in zip(found, arrays, (3, 1, 3, 1)):
+                if a.ndim != ndim:
+                    raise _corrupt(name, p, f"expected a {ndim}-dimensional IDX array, "
+                                            f"found shape {a.shape}")
+            xtr, ytr, xte, yte = arrays
+            for xs, ys, p in ((xtr, ytr, found[1]), (xte, yte, found[3])):
+                if len(xs) != len(ys):
+                    raise _corrupt(name, p, f"{len(ys)} labels for {len(xs)} images")
+                _check_labels(name, p, ys, 10)
             x = np.concatenate([xtr, xte])[:, None]
             y = np.concatenate([ytr, yte]).astype(np.int64)
-            if len(x) != len(y):
-                raise HtflError(f"{name}: {len(x)} images but {len(y)} labels in {folder}")
             return RawData(x, y, 10, name, classes)
     raise _missing(name, folders, how)
 
@@ -105,14 +122,19 @@ def load_mnist(root: str | None = None) -> RawData:
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            obj = pickle.load(fh, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError, ImportError, UnicodeDecodeError, MemoryError) as exc:
         raise _corrupt("CIFAR batch", path, exc) from None
+    if not isinstance(obj, dict):
+        raise _corrupt("CIFAR batch", path, f"expected a pickled dict, found {type(obj).__name__}")
+    return obj
 
 
 def _cifar(name: str, root: str | None, folder: str, files: list[str], label_key: str,
            meta_file: str, names_key: str, k: int) -> RawData:
     looked = _candidates(root)
+    partial = []
     for base in looked:
         d = base / folder
         if all((d / f).is_file() for f in files):
@@ -120,16 +142,25 @@ def _cifar(name: str, root: str | None, folder: str, files: list[str], label_key
             for f in files:
                 batch = _unpickle(d / f)
                 try:
-                    xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                    ys.append(np.asarray(batch[label_key], dtype=np.int64))
-                except (KeyError, ValueError) as exc:
+                    x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                    y = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+                except (KeyError, ValueError, TypeError) as exc:
                     raise _corrupt(name, d / f, exc) from None
+                if len(x) != len(y):
+                    raise _corrupt(name, d / f, f"{len(y)} labels for {len(x)} images")
+                _check_labels(name, d / f, y, k)
+                xs.append(x)
+                ys.append(y)
             classes = []
             if (d / meta_file).is_file():
-                classes = list(_unpickle(d / meta_file).get(names_key, []))
+                classes = [str(c) for c in _unpickle(d / meta_file).get(names_key, [])]
             return RawData(np.concatenate(xs), np.concatenate(ys), k, name, classes)
-    raise _missing(name, [b / folder for b in looked],
-                   f"give --data-root containing torchvision's {folder}/ folder")
+        if d.is_dir():
+            partial.append(f"{d} lacks " + ", ".join(f for f in files if not (d / f).is_file()))
+    how = f"give --data-root containing torchvision's {folder}/ folder"
+    if partial:
+        how += " (" + "; ".join(partial) + ")"
+    raise _missing(name, [b / folder for b in looked], how)
 
 
 def load_cifar10(root: str | None = None) -> RawData:
@@ -153,7 +184,8 @@ def _read_image(path: Path, size: int | None) -> np.ndarray:
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as exc:
         raise _corrupt("image", path, exc) from None
 
 
@@ -195,13 +227,20 @@ def load_flowers102(root: str | None = None) -> RawData:
     for d in looked:
         if (d / "imagelabels.mat").is_file() and (d / "jpg").is_dir():
             from scipy.io import loadmat
+            from scipy.io.matlab import MatReadError
 
             try:
                 labels = np.asarray(loadmat(d / "imagelabels.mat")["labels"]).reshape(-1)
-            except (OSError, KeyError, ValueError) as exc:
+                labels = labels.astype(np.int64)
+            except (OSError, KeyError, ValueError, TypeError, NotImplementedError,
+                    MatReadError) as exc:
                 raise _corrupt("flowers102", d / "imagelabels.mat", exc) from None
+            if labels.size == 0:
+                raise _corrupt("flowers102", d / "imagelabels.mat", "it holds no labels")
+            # The file's labels are 1-based (1..102).
+            _check_labels("flowers102", d / "imagelabels.mat", labels - 1, 102)
             xs = [_read_image(d / "jpg" / f"image_{i + 1:05d}.jpg", 64) for i in range(len(labels))]
-            return RawData(np.stack(xs), labels.astype(np.int64) - 1, 102, "flowers102")
+            return RawData(np.stack(xs), labels - 1, 102, "flowers102")
     raise _missing("flowers102", looked, "give --data-root containing flowers-102/")
 
 

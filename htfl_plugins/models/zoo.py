@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class BaseHeadSplit(nn.Module):
@@ -172,7 +172,7 @@ def _torchvision(name: str, in_channels: int, image_size: int, feature_dim: int)
         return m
     if name.startswith("vit"):
         patch = 16 if name == "vit_b_16" else 32
-        size = max(32, int(math.ceil(image_size / patch)) * patch)
+        size = max(32, math.ceil(image_size / patch) * patch)
         m = getattr(tvm, name)(weights=None, image_size=size)
         m.conv_proj = _swap_first_conv(m.conv_proj, in_channels)
         m.heads = PoolTo(feature_dim)
