@@ -23,19 +23,3 @@ def register_generators(register):
 
     for cls, summary in BUILTIN:
         register(cls.name, cls, summary=summary)
-
-
-@hookimpl
-def register_commands(subparsers):
-    p = subparsers.add_parser("generators", help="list FedKTL's pretrained generators")
-    p.set_defaults(func=_list_generators)
-
-
-def _list_generators(args):
-    from htfl_plugins.plugins import get_plugins
-
-    reg = get_plugins().collect("generators", "register_generators")
-    for name in reg.names():
-        item = reg.get(name)
-        print(f"{name:<18}  {item.summary}  [{item.plugin}]")
-    return 0

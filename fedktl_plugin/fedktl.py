@@ -59,7 +59,7 @@ class FedKTLOptions:
 
 
 def make_generator(options: FedKTLOptions, ctx, load: bool = True):
-    reg = ctx.plugins.collect("generators", "register_generators")
+    reg = ctx.plugins.registry("generators")
     cls = reg.get(options.generator).obj
     if not load:
         cls.check(options.generator_path)

@@ -10,7 +10,7 @@ from htfl_plugins import __version__
 from htfl_plugins import config as config_mod
 from htfl_plugins.config import RunConfig
 from htfl_plugins.errors import HtflError, PluginError
-from htfl_plugins.plugins import KINDS, get_plugins
+from htfl_plugins.plugins import get_plugins
 
 log = logging.getLogger("htfl")
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run one experiment (htfl run --algo NAME --help for its options)",
                    add_help=False)
     p = sub.add_parser("list", help="list registered plugins' items")
-    p.add_argument("kind", choices=list(KINDS))
+    p.add_argument("kind", choices=get_plugins().kinds())
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("data", help="inspect scenarios")
     p.add_argument("action", choices=["show"])

@@ -93,15 +93,20 @@ class Plugins:
         return self.pm.hook
 
     def registry(self, kind: str) -> Registry:
+        """The registry of a host kind (KINDS) or of a plugin-added ``register_<kind>`` hook."""
         if kind not in self._registries:
-            self._registries[kind] = self._collect(kind, KINDS[kind])
-        return self._registries[kind]
-
-    def collect(self, kind: str, hookname: str) -> Registry:
-        """Build a registry from any ``register``-style hook (plugins may add their own)."""
-        if kind not in self._registries:
+            hookname = KINDS.get(kind, f"register_{kind}")
+            if not hasattr(self.pm.hook, hookname):
+                raise HtflError(f"nothing registers {kind!r} (known: {', '.join(self.kinds())})")
             self._registries[kind] = self._collect(kind, hookname)
         return self._registries[kind]
+
+    def kinds(self) -> list[str]:
+        """Every listable kind: the host's and those added by plugins' hookspecs."""
+        extra = [name[len("register_"):] for name in vars(self.pm.hook)
+                 if name.startswith("register_") and name not in KINDS.values()
+                 and name != "register_commands"]
+        return list(KINDS) + sorted(extra)
 
     def _collect(self, kind: str, hookname: str) -> Registry:
         reg = Registry(kind)

@@ -16,7 +16,7 @@ def test_builtins_registered_through_entry_points():
     assert algos.get("fedktl").plugin == "fedktl"
     assert "HtFE-img-8" in plugins.registry("groups")
     assert {"iid", "pat", "dir", "exdir"} <= set(plugins.registry("partitioners").names())
-    assert "dcgan-face" in plugins.collect("generators", "register_generators")
+    assert "dcgan-face" in plugins.registry("generators")
 
 
 def test_list_prints_items_with_summaries():
@@ -80,3 +80,17 @@ def test_misspelled_hook_fails_loudly(tmp_path):
     out = htfl("list", "algorithms", env_extra={"PYTHONPATH": str(site)})
     assert out.returncode == 2
     assert "register_algorithm" in out.stderr and "unknown hook" in out.stderr
+
+
+def test_plugin_subcommand_and_plugin_kinds_are_listed(tmp_path):
+    code = ("from htfl_plugins import hookimpl\n"
+            "@hookimpl\n"
+            "def register_commands(subparsers):\n"
+            "    p = subparsers.add_parser('hello', help='say hello')\n"
+            "    p.add_argument('--name', default='world')\n"
+            "    p.set_defaults(func=lambda args: print('hello', args.name))\n")
+    site = make_distribution(tmp_path, "greet", "greet_plugin", code, {"greet": "greet_plugin"})
+    out = htfl("hello", "--name", "htfl", env_extra={"PYTHONPATH": str(site)})
+    assert out.returncode == 0 and out.stdout.strip() == "hello htfl"
+    listed = htfl("list", "generators")
+    assert listed.returncode == 0 and "dcgan-face" in listed.stdout and "[fedktl]" in listed.stdout
