@@ -134,6 +134,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ bench
+def cmd_bench(args) -> int:
+    from htfl_plugins.bench import cell_status, load_suite, run_suite
+
+    name, cells = load_suite(args.suite, args.out, get_plugins())
+    if args.dry_run:
+        for c in cells:
+            cfg = c.config
+            print(f"{c.name:<60} {cell_status(c):<10} {cfg.algo} {cfg.dataset} {cfg.models} "
+                  f"{cfg.clients} clients, {cfg.rounds} rounds")
+        print(f"{len(cells)} cells; results in {cells[0].config.out}")
+        return 0
+    run_suite(cells, jobs=args.jobs)
+    print(cells[0].config.out)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="htfl", description="Heterogeneous federated learning with plugin algorithms.")
@@ -154,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="comma-separated columns to group by "
                    "(default algo,options,dataset,partition,clients,models)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("bench", help="run a benchmark suite (TOML grid), skipping finished cells")
+    p.add_argument("suite", help="suite file, e.g. benchmarks/suites/fedktl-ablations.toml")
+    p.add_argument("--out", default="results", help="parent folder of the suite's result folder")
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status")
+    p.set_defaults(func=cmd_bench)
     get_plugins().hook.register_commands(subparsers=sub)
     return parser
 

@@ -68,6 +68,7 @@ class RunConfig:
     threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
     out: str = opt("results", "folder for the HDF5 result file")
     name: str = opt("", "result file name without .h5 (default: derived from the settings)")
+    tag: str = opt("", "free-form label stored with the results (tables group by it)")
     cache_dir: str = opt("", "scenario cache folder (default: $HTFL_HOME or ~/.cache/htfl)")
     options: dict = opt({}, "algorithm options (TOML table [options]; flags on the CLI)")
 

@@ -1,0 +1,132 @@
+"""Benchmark suites: a TOML grid of runs × scenarios × seeds, one HDF5 file per cell.
+
+```toml
+name = "my-suite"            # results go to <out>/<name>/ (default: the file's stem)
+seeds = [0, 1, 2]
+[settings]                   # shared by every cell (RunConfig keys)
+dataset = "fmnist"
+rounds = 20
+[[scenarios]]                # optional; each overrides settings (default: one scenario)
+partition = "dir"
+alpha = 0.1
+[[runs]]                     # what is compared; `tag` labels it in tables
+tag = "FedKTL"
+algo = "fedktl"
+options = { mu = 50.0 }
+```
+
+A re-run skips cells whose file is finished and redoes any other.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from htfl_plugins import config as config_mod
+from htfl_plugins.config import RunConfig
+from htfl_plugins.errors import HtflError
+
+DONE = {"finished", "stopped_early"}
+
+
+@dataclass
+class Cell:
+    name: str
+    config: RunConfig
+
+    @property
+    def path(self) -> Path:
+        return Path(self.config.out) / f"{self.name}.h5"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", str(text)).strip("_")
+
+
+def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, list[Cell]]:
+    data = config_mod.load_toml(path)
+    unknown = set(data) - {"name", "seeds", "settings", "scenarios", "runs", "description"}
+    if unknown:
+        raise HtflError(f"{path}: unknown suite key(s) {', '.join(sorted(unknown))}")
+    name = data.get("name") or Path(path).stem
+    seeds = data.get("seeds", [0])
+    settings = data.get("settings", {})
+    scenarios = data.get("scenarios") or [{}]
+    runs = data.get("runs")
+    if not runs:
+        raise HtflError(f"{path}: a suite needs at least one [[runs]] entry")
+    folder = Path(out or "results") / name
+    cells = []
+    for sc in scenarios:
+        for rn in runs:
+            for seed in seeds:
+                values = {**settings, **sc, **rn, "seed": seed, "out": str(folder)}
+                values["options"] = {**settings.get("options", {}), **sc.get("options", {}),
+                                     **rn.get("options", {})}
+                values.setdefault("tag", rn.get("algo", ""))
+                sc_label = "_".join(f"{k}={v}" for k, v in sc.items() if k != "options") or "default"
+                cell_name = _slug(f"{values['tag']}__{sc_label}__s{seed}")
+                values["name"] = cell_name
+                cfg = config_mod.build(RunConfig, values, f"setting(s) in {path}")
+                cells.append(Cell(cell_name, cfg))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise HtflError(f"{path}: two cells share a name; give each [[runs]] a distinct tag")
+    if plugins is not None:  # check algorithms and options before any cell runs
+        for c in cells:
+            algo = plugins.algorithm(c.config.algo)
+            config_mod.build(algo.options, dict(c.config.options), f"option(s) for {c.config.algo}")
+    return name, cells
+
+
+def cell_status(cell: Cell) -> str:
+    from htfl_plugins.results.store import read_run
+
+    if not cell.path.is_file():
+        return "missing"
+    try:
+        return read_run(cell.path)["attrs"].get("status", "unknown")
+    except HtflError:
+        return "unreadable"
+
+
+def _run_cell(cfg: RunConfig) -> str:
+    from htfl_plugins.engine import run
+
+    return str(run(cfg, quiet=True))
+
+
+def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
+    """Run every cell not yet finished; ``jobs`` > 1 runs cells in parallel processes
+    with one torch thread each. Returns the cells that were run."""
+    todo = [c for c in cells if cell_status(c) not in DONE]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells already finished; running {len(todo)}")
+    if not todo:
+        return []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="cell")
+    start = time.perf_counter()
+    if jobs <= 1:
+        for c in todo:
+            bar.set_description(c.name)
+            _run_cell(c.config)
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        for c in todo:
+            c.config.threads = c.config.threads or 1
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_cell, c.config): c for c in todo}
+            for fut in cf.as_completed(futures):
+                fut.result()
+                bar.set_description(futures[fut].name)
+                bar.update(1)
+    bar.close()
+    log(f"ran {len(todo)} cells in {time.perf_counter() - start:.0f} s")
+    return todo
