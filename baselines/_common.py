@@ -1,0 +1,126 @@
+"""Small helpers shared by several baselines (append-only: add, never edit)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from htfl_plugins.errors import HtflError
+
+
+# ------------------------------------------------------------------ heads (LG-FedAvg, FedGen)
+def head_payload(model: nn.Module, prefix: str = "head.") -> dict[str, torch.Tensor]:
+    """The parameters of ``model.head`` as ``{prefix + name: detached copy}``."""
+    return {prefix + n: p.detach().clone() for n, p in model.head.named_parameters()}
+
+
+def load_head(model: nn.Module, payload, prefix: str = "head.") -> None:
+    """Overwrite ``model.head``'s parameters with ``payload[prefix + name]``."""
+    with torch.no_grad():
+        for n, p in model.head.named_parameters():
+            p.copy_(payload[prefix + n].to(p.device, p.dtype))
+
+
+def head_shapes(ctx, arch: str) -> dict[str, tuple]:
+    """Parameter shapes of ``arch``'s head for this run, built on the meta device
+    (no memory, no weights), so that pre-flight checks stay cheap."""
+    from htfl_plugins.models import build_model
+
+    c, h, _ = ctx.input_shape
+    with torch.device("meta"):
+        model = build_model(ctx.plugins, arch, c, h, ctx.num_classes, ctx.feature_dim)
+    return {n: tuple(p.shape) for n, p in model.head.named_parameters()}
+
+
+def check_shared_head(algo: str, ctx) -> None:
+    """Raise HtflError unless every client's head has the same parameter shapes
+    (a head-sharing method cannot average a ViT head with a Linear head)."""
+    used = sorted({ctx.archs[i % len(ctx.archs)] for i in range(ctx.num_clients)},
+                  key=ctx.archs.index)
+    shapes = {a: head_shapes(ctx, a) for a in used}
+    first = used[0]
+    for a in used[1:]:
+        if shapes[a] != shapes[first]:
+            raise HtflError(f"{algo} averages the clients' heads, but {a} has head "
+                            f"{_fmt_shapes(shapes[a])} while {first} has {_fmt_shapes(shapes[first])}; "
+                            "use models whose heads match (e.g. no ViTs beside CNNs)")
+
+
+def _fmt_shapes(shapes: dict) -> str:
+    return "{" + ", ".join(f"{n}: {'x'.join(map(str, s))}" for n, s in shapes.items()) + "}"
+
+
+# ------------------------------------------------------------------ per-class statistics
+class ClassAccumulator:
+    """Running per-class sums of vectors, for means collected during training."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.sums: torch.Tensor | None = None
+        self.counts = torch.zeros(num_classes, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        values = values.detach().double()
+        if self.sums is None:
+            self.sums = torch.zeros(self.num_classes, values.shape[1], dtype=torch.float64,
+                                    device=values.device)
+        self.sums.index_add_(0, labels, values)
+        self.counts += torch.bincount(labels.cpu(), minlength=self.num_classes)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels present int64, their mean vectors float32, their counts int64)."""
+        present = torch.nonzero(self.counts > 0).flatten()
+        if self.sums is None:
+            return present, torch.zeros(0, 0), self.counts[present]
+        dev = self.sums.device
+        means = self.sums[present.to(dev)] / self.counts[present].to(dev, torch.float64).unsqueeze(1)
+        return present, means.float(), self.counts[present]
+
+
+@torch.no_grad()
+def class_mean_outputs(module: nn.Module, fn, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                       batch_size: int = 512):
+    """Per-class means of ``fn(x_batch)`` over a whole split, with ``module`` in eval
+    mode (restored afterwards): (labels present int64, means float32, counts int64)."""
+    was_training = module.training
+    module.eval()
+    acc = ClassAccumulator(num_classes)
+    try:
+        for start in range(0, len(y), batch_size):
+            acc.add(fn(x[start:start + batch_size]), y[start:start + batch_size])
+    finally:
+        module.train(was_training)
+    return acc.result()
+
+
+# ------------------------------------------------------------------ whole-model payloads, seeded modules (FML, FedKD, FedGH, FedTGP)
+def params_payload(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module`` as ``{prefix + name: detached CPU copy}`` (buffers
+    such as BatchNorm running statistics are not included)."""
+    return {prefix + n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+
+
+def load_params(module: nn.Module, payload, prefix: str) -> None:
+    """Overwrite every parameter of ``module`` with ``payload[prefix + name]``."""
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            p.copy_(payload[prefix + n].to(p.device, p.dtype))
+
+
+def seeded_module(ctx, key, make) -> nn.Module:
+    """``make()`` run under a private RNG seeded from the run seed and ``key`` (the
+    global torch RNG is left untouched), moved to the run's device."""
+    from htfl_plugins.engine.base import derive_seed
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(ctx.config.seed, "module", key))
+        module = make()
+    return module.to(ctx.device)
+
+
+def check_model_name(algo: str, option: str, arch: str, ctx) -> None:
+    """Raise HtflError unless ``arch`` is a registered model architecture."""
+    if arch not in ctx.plugins.registry("models"):
+        known = ", ".join(ctx.plugins.registry("models").names())
+        raise HtflError(f"{algo}: --{option.replace('_', '-')} {arch!r} is not a known model "
+                        f"(known: {known})")

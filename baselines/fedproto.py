@@ -1,0 +1,193 @@
+"""``fedproto`` (FedProto, Tan et al. AAAI 2022, as run in HtFLlib): clients share
+class prototypes (per-class mean features), never model parameters.
+
+Client loss: CE(head(f), y) + λ·MSE(f, P_y), f = base(x), P_y the global prototype
+of the sample's class. As in HtFLlib the squared error is summed over the samples
+whose class has a global prototype and divided by batch·D (samples of a class
+without a prototype add nothing, but still count in the mean).
+
+Local prototypes (``proto_source``):
+
+- ``after`` (default): per-class mean features of the final local model, in eval
+  mode, over the local training split, computed once after training. They describe
+  the model that is evaluated and that the other clients are pulled toward, rather
+  than a blend of every intermediate model of the epoch in train mode (dropout,
+  batch-norm batch statistics). Cost: one no-grad forward pass of the base over the
+  training split.
+- ``during``: HtFLlib's choice, the mean of the features computed in the training
+  forward passes of this round (all local epochs), at no extra cost.
+
+Server: each class's prototype is the mean over the clients that uploaded that class
+(classes nobody holds get none). ``weighting=uniform`` (default) is HtFLlib's plain
+mean over holders, used for every published HtFL baseline number we compare with;
+``weighting=samples`` is the FedProto paper's mean weighted by each holder's sample
+count of the class (then clients also upload those counts).
+
+Inference: the class of the nearest global prototype (squared L2), scores =
+−‖f − P_k‖² (−inf for classes without a prototype); the head's accuracy is recorded
+as ``acc_head``. Until a client has received prototypes it predicts with its head.
+Row r therefore uses the prototypes the client trained against in round r (row 1:
+the head). ``train_loss`` is the local objective, CE + λ·MSE.
+
+Traffic per client and round (D = feature_dim, |C_i| classes held by client i,
+K_g classes with a global prototype, ≤ K):
+
+- upload ``protos`` (|C_i|×D float32) + ``proto_labels`` (|C_i| int64)
+  [+ ``proto_counts`` (|C_i| int64) with weighting=samples]:
+  |C_i|·D floats + |C_i| ints = 4·|C_i|·D + 8·|C_i| bytes (+ 8·|C_i|);
+- download ``protos`` (K_g×D float32) + ``proto_labels`` (K_g int64):
+  4·K_g·D + 8·K_g bytes; nothing in round 1.
+
+λ (``lam``): HtFLlib default 1.0 (used here), HtFLlib's tuned value 10 (total.sh,
+Cifar100/HtFE8); the FedTGP paper reports 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from baselines._common import ClassAccumulator, class_mean_outputs
+from htfl_plugins.config import opt
+from htfl_plugins.engine import Client, Server, average_by_class
+
+
+@dataclass
+class FedProtoOptions:
+    lam: float = opt(1.0, "weight λ of the MSE between features and global prototypes "
+                     "(HtFLlib default 1, tuned 10)", min=0.0)
+    weighting: str = opt("uniform", "server mean of a class's prototypes: uniform over holders "
+                         "(HtFLlib) or weighted by sample counts (paper)",
+                         choices=["uniform", "samples"])
+    proto_source: str = opt("after", "local prototypes from the final model in eval mode (after) "
+                            "or from the training forward passes (during, HtFLlib)",
+                            choices=["after", "during"])
+
+
+def proto_distance_scores(features: torch.Tensor, protos: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """−squared L2 distance to each class prototype; −inf where there is none."""
+    d = torch.cdist(features.float(), protos.float()).pow(2)
+    return (-d).masked_fill(~mask.unsqueeze(0), float("-inf"))
+
+
+class FedProtoClient(Client):
+    uploads = ("protos", "proto_labels", "proto_counts")
+
+    def __init__(self, cid, arch, data, options, ctx):
+        super().__init__(cid, arch, data, options, ctx)
+        self.global_protos: torch.Tensor | None = None  # K×D, rows valid where mask
+        self.global_mask = torch.zeros(ctx.num_classes, dtype=torch.bool, device=self.device)
+        self._acc: ClassAccumulator | None = None
+        self._local = None  # (labels, means, counts) of the last training
+
+    # -------------------------------------------------------------- exchange
+    def receive(self, payload) -> None:
+        if "protos" not in payload:
+            return
+        labels = payload["proto_labels"].to(self.device)
+        protos = torch.zeros(self.ctx.num_classes, self.ctx.feature_dim, device=self.device)
+        protos[labels] = payload["protos"].to(self.device, torch.float32)
+        mask = torch.zeros(self.ctx.num_classes, dtype=torch.bool, device=self.device)
+        mask[labels] = True
+        self.global_protos, self.global_mask = protos, mask
+
+    def upload(self):
+        labels, means, counts = self._local
+        out = {"protos": means, "proto_labels": labels}
+        if self.options.weighting == "samples":
+            out["proto_counts"] = counts
+        return out
+
+    # -------------------------------------------------------------- training
+    def proto_term(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Σ over samples with a global prototype of ‖f − P_y‖², divided by batch·D."""
+        if self.global_protos is None:
+            return features.new_zeros(())
+        has = self.global_mask[y]
+        if not bool(has.any()):
+            return features.new_zeros(())
+        diff = features[has] - self.global_protos[y[has]]
+        return diff.pow(2).sum() / features.numel()
+
+    def training_loss(self, x, y):
+        f = self.model.base(x)
+        if self._acc is not None:
+            self._acc.add(f, y)
+        return F.cross_entropy(self.model.head(f), y) + self.options.lam * self.proto_term(f, y)
+
+    def train(self) -> float:
+        during = self.options.proto_source == "during"
+        self._acc = ClassAccumulator(self.ctx.num_classes) if during else None
+        loss = super().train()
+        if self._acc is not None:
+            labels, means, _ = self._acc.result()
+            self._acc = None
+        else:
+            labels, means, _ = class_mean_outputs(self.model, self.model.base, self.data.x_train,
+                                                  self.data.y_train, self.ctx.num_classes)
+        # weights are the class's training-sample counts (not multiplied by epochs)
+        counts = torch.bincount(self.data.y_train.cpu(), minlength=self.ctx.num_classes)[labels]
+        self._local = (labels, means, counts)
+        return loss
+
+    # -------------------------------------------------------------- inference
+    def scores(self, x):
+        f = self.model.base(x)
+        if self.global_protos is None:
+            return self.model.head(f)
+        return proto_distance_scores(f, self.global_protos, self.global_mask)
+
+    def extra_scores(self, x):
+        return {"head": self.model(x)}
+
+    def eval_loss(self, x, y):
+        f = self.model.base(x)
+        return F.cross_entropy(self.model.head(f), y) + self.options.lam * self.proto_term(f, y)
+
+    # -------------------------------------------------------------- state
+    def state_dict(self):
+        return {**super().state_dict(), "global_protos": self.global_protos,
+                "global_mask": self.global_mask.clone(), "local": self._local}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.global_protos = state["global_protos"]
+        self.global_mask = state["global_mask"].clone()
+        self._local = state["local"]
+
+
+class FedProtoServer(Server):
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        self.protos: dict[int, torch.Tensor] = {}
+
+    def broadcast(self, round, selected):
+        if not self.protos:
+            return {}
+        labels = sorted(self.protos)
+        return self.to_all(selected, {
+            "protos": torch.stack([self.protos[c] for c in labels]),
+            "proto_labels": torch.tensor(labels, dtype=torch.int64)})
+
+    def update(self, round, uploads):
+        if not uploads:
+            return  # nobody uploaded (all dropped): keep the previous prototypes
+        weights_key = "proto_counts" if self.options.weighting == "samples" else None
+        self.protos = average_by_class(uploads, "protos", "proto_labels", self.ctx.num_classes,
+                                       weights_key=weights_key)
+
+    def state_dict(self):
+        return {**super().state_dict(), "protos": dict(self.protos)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.protos = dict(state["protos"])
+
+
+ALGORITHM = dict(name="fedproto", server=FedProtoServer, client=FedProtoClient,
+                 options=FedProtoOptions,
+                 summary="clients share per-class mean features; CE + λ·MSE to global "
+                         "prototypes, nearest-prototype inference (FedProto)")
