@@ -13,6 +13,7 @@ alpha = 0.1
 tag = "FedKTL"
 algo = "fedktl"
 options = { mu = 50.0 }
+seeds = [0]                  # optional: this run's own seeds
 ```
 
 A re-run skips cells whose file is finished and redoes any other.
@@ -63,8 +64,9 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
     cells = []
     for sc in scenarios:
         for rn in runs:
-            for seed in seeds:
-                values = {**settings, **sc, **rn, "seed": seed, "out": str(folder)}
+            for seed in rn.get("seeds", seeds):
+                values = {**settings, **sc, **{k: v for k, v in rn.items() if k != "seeds"},
+                          "seed": seed, "out": str(folder)}
                 values["options"] = {**settings.get("options", {}), **sc.get("options", {}),
                                      **rn.get("options", {})}
                 values.setdefault("tag", rn.get("algo", ""))
