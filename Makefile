@@ -31,6 +31,7 @@ run: setup data
 	$(BIN)/htfl run --algo fedktl
 
 test: setup data
+	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -93,7 +93,7 @@ def class_mean_outputs(module: nn.Module, fn, x: torch.Tensor, y: torch.Tensor, 
     return acc.result()
 
 
-# ------------------------------------------------------------------ whole-model payloads, seeded modules (FML, FedKD, FedGH, FedTGP)
+# ------------------------------------------- whole-model payloads, seeded modules (FML, FedKD, FedGH, FedTGP)
 def params_payload(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Every parameter of ``module`` as ``{prefix + name: detached CPU copy}`` (buffers
     such as BatchNorm running statistics are not included)."""

@@ -4,8 +4,8 @@ It also adds an extension point of its own, ``register_generators``, so that a
 third-party package can contribute a pretrained generator.
 """
 
-from htfl_plugins import hookimpl
 from fedktl_plugin import hookspecs as htfl_hookspecs  # noqa: F401  (read by the host)
+from htfl_plugins import hookimpl
 
 
 @hookimpl

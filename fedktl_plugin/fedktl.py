@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedktl_plugin.etf import arcface_loss, cosine_logits, simplex_etf
 from htfl_plugins.config import opt
 from htfl_plugins.engine import Client, Server
 from htfl_plugins.engine.base import derive_seed
 from htfl_plugins.errors import HtflError
-from fedktl_plugin.etf import arcface_loss, cosine_logits, simplex_etf
 
 BANDWIDTHS = (10.0, 15.0, 20.0, 50.0)
 CLIP = 100.0

@@ -55,7 +55,8 @@ def run_config_from_args(argv: list[str], prog: str = "htfl run"):
     try:
         config_mod.add_arguments(group, algo.options)
     except argparse.ArgumentError as exc:
-        raise PluginError(f"plugin {algo.plugin!r}: an option of {algo_name!r} clashes with a run flag: {exc}") from None
+        raise PluginError(f"plugin {algo.plugin!r}: an option of {algo_name!r} clashes with a run flag: "
+                          f"{exc}") from None
     args = vars(parser.parse_args(argv))
     meta = {k: args.pop(k) for k in ("config", "quiet", "verbose")}
     option_names = {f.name for f in config_mod.fields_of(algo.options)}

@@ -72,7 +72,7 @@ class RunConfig:
     cache_dir: str = opt("", "scenario cache folder (default: $HTFL_HOME or ~/.cache/htfl)")
     options: dict = opt({}, "algorithm options (TOML table [options]; flags on the CLI)")
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         check_ranges(self)
         if self.partition in ("pat", "exdir") and self.classes_per_client < 0:
             raise HtflError("--classes-per-client must be positive")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from htfl_plugins.config import RunConfig, build
+
+# One torch thread: small test models gain nothing from more, and a loaded
+# machine makes several threads per process very slow.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -40,3 +40,24 @@ def make_distribution(site: Path, dist: str, module: str, code: str, entry_point
     (info / "entry_points.txt").write_text(f"[htfl]\n{lines}\n")
     (info / "RECORD").write_text("")
     return site
+
+
+def parties(cfg):
+    """(setup, clients, server) of a run config, built as the loop builds them."""
+    from htfl_plugins.engine.loop import prepare
+    from htfl_plugins.plugins import get_plugins
+
+    s = prepare(cfg, get_plugins())
+    clients, server = s.parties()
+    return s, clients, server
+
+
+def one_round(clients, server, r, selected=None):
+    """One training round through the loop's own step; returns (downloads, uploads)."""
+    from htfl_plugins.engine.executors import SequentialExecutor
+    from htfl_plugins.engine.loop import train_round
+
+    selected = list(range(len(clients))) if selected is None else selected
+    downloads, uploads, _ = train_round(type(server).__name__, server, clients,
+                                        SequentialExecutor(), r, selected)
+    return downloads, uploads

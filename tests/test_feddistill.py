@@ -13,14 +13,13 @@ from htfl_plugins.engine import run
 from htfl_plugins.engine.loop import prepare
 from htfl_plugins.plugins import get_plugins
 from htfl_plugins.results import read_run
+from tests.helpers import parties
 
 
 @pytest.fixture
 def setup(digits_config):
     def make(**options):
-        s = prepare(digits_config(algo="feddistill", options=options), get_plugins())
-        clients = [s.algo.client(i, s.ctx.archs[i % len(s.ctx.archs)], s.scenario.clients[i],
-                                 s.options, s.ctx) for i in range(len(s.scenario.clients))]
+        s, clients, server = parties(digits_config(algo="feddistill", options=options))
         return s, clients
     return make
 

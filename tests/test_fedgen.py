@@ -15,24 +15,8 @@ from htfl_plugins.engine.loop import prepare
 from htfl_plugins.errors import HtflError
 from htfl_plugins.plugins import get_plugins
 from htfl_plugins.results import read_run
-
-
-def setup(cfg):
-    s = prepare(cfg, get_plugins())
-    clients = [s.algo.client(i, s.ctx.archs[i % len(s.ctx.archs)], s.scenario.clients[i],
-                             s.options, s.ctx) for i in range(len(s.scenario.clients))]
-    return s, clients, s.algo.server(s.options, s.ctx)
-
-
-def one_round(clients, server, r):
-    selected = list(range(len(clients)))
-    downloads = server.broadcast(r, selected)
-    for cid in selected:
-        clients[cid].receive(downloads[cid])
-        clients[cid].train()
-    uploads = {cid: clients[cid].upload() for cid in selected}
-    server.update(r, uploads)
-    return downloads, uploads
+from tests.helpers import one_round
+from tests.helpers import parties as setup
 
 
 def gen_params(module):

@@ -17,23 +17,14 @@ from htfl_plugins.engine.loop import prepare
 from htfl_plugins.errors import HtflError
 from htfl_plugins.plugins import get_plugins
 from htfl_plugins.results import read_run
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers import parties
 
 
 @pytest.fixture
 def setup(digits_config):
     def make(**options):
-        s = prepare(digits_config(algo="fedkd", options=options), get_plugins())
-        clients = [s.algo.client(i, s.ctx.archs[i % len(s.ctx.archs)], s.scenario.clients[i],
-                                 s.options, s.ctx) for i in range(len(s.scenario.clients))]
-        return s, clients, s.algo.server(s.options, s.ctx)
+        s, clients, server = parties(digits_config(algo="fedkd", options=options))
+        return s, clients, server
     return make
 
 

@@ -17,10 +17,10 @@ from fedktl_plugin.fedktl import FedKTLOptions, mmd2, to_client_images
 from htfl_plugins.config import build
 from htfl_plugins.data import load_scenario
 from htfl_plugins.engine import run
-from htfl_plugins.engine.loop import prepare
 from htfl_plugins.errors import HtflError
 from htfl_plugins.plugins import get_plugins
 from htfl_plugins.results import read_run
+from tests.helpers import one_round, parties
 
 FAST = {"server_epochs": 3, "save_images": 0}
 
@@ -124,7 +124,12 @@ def _tiny_stable_diffusion(folder):
     folder layout (no download)."""
     import json
 
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -194,23 +199,11 @@ def test_traffic_equals_the_formulas(digits_config):
 
 
 def _setup(digits_config, **opts):
-    cfg = digits_config(algo="fedktl", options={**FAST, **opts})
-    s = prepare(cfg, get_plugins())
-    clients = [s.algo.client(i, s.ctx.archs[i % 3], s.scenario.clients[i], s.options, s.ctx)
-               for i in range(cfg.clients)]
-    return s, clients, s.algo.server(s.options, s.ctx)
+    return parties(digits_config(algo="fedktl", options={**FAST, **opts}))
 
 
 def _round(server, clients, r):
-    downloads = server.broadcast(r, list(range(len(clients))))
-    uploads = {}
-    for c in clients:
-        if c.cid in downloads:
-            c.receive(downloads[c.cid])
-        c.train()
-        uploads[c.cid] = c.upload()
-    server.update(r, uploads)
-    return uploads
+    return one_round(clients, server, r)[1]
 
 
 def test_server_aligns_persistently_and_sends_every_class(digits_config):

@@ -27,14 +27,6 @@ BIG = {
 CHEAP = [name for name in MODELS if name not in BIG]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these models are tiny per batch, and the test machine's cores
-    are shared, where more threads only contend (several times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

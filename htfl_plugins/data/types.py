@@ -58,7 +58,7 @@ class ClientData:
         """The classes present in this client's training data, sorted."""
         return sorted(torch.unique(self.y_train).tolist())
 
-    def to(self, device) -> "ClientData":
+    def to(self, device) -> ClientData:
         return ClientData(*(t.to(device) for t in
                             (self.x_train, self.y_train, self.x_test, self.y_test)))
 

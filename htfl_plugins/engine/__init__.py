@@ -1,7 +1,15 @@
 """The round loop and the Client/Server bases algorithms build on."""
 
-from htfl_plugins.engine.base import (Client, Payload, RunContext, Server, average_by_class,
-                                      class_means, derive_seed, weighted_average)
+from htfl_plugins.engine.base import (
+                                      Client,
+                                      Payload,
+                                      RunContext,
+                                      Server,
+                                      average_by_class,
+                                      class_means,
+                                      derive_seed,
+                                      weighted_average,
+)
 from htfl_plugins.engine.loop import RunInfo, evaluate, payload_size, run
 
 __all__ = ["Client", "Server", "Payload", "RunContext", "RunInfo", "run", "evaluate",

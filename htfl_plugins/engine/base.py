@@ -8,8 +8,9 @@ names its class declares in ``uploads`` (shell-style patterns).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -104,6 +104,14 @@ class Setup:
     ctx: RunContext
     path: Path
 
+    def parties(self):
+        """The run's clients (client i gets architecture ``archs[i % len]``) and server."""
+        ctx = self.ctx
+        clients = [self.algo.client(i, ctx.archs[i % len(ctx.archs)],
+                                    self.scenario.clients[i].to(ctx.device), self.options, ctx)
+                   for i in range(len(self.scenario.clients))]
+        return clients, self.algo.server(self.options, ctx)
+
 
 def prepare(cfg: RunConfig, plugins) -> Setup:
     """Validate everything and load the data; nothing is written but the scenario cache."""
@@ -212,6 +220,40 @@ def drop_clients(rng: np.random.Generator, selected: list[int], rate: float) -> 
     return [c for c in selected if c not in dropped], n_drop
 
 
+@dataclass
+class Traffic:
+    """Bytes per client and element totals of one training round."""
+
+    up_bytes: np.ndarray
+    down_bytes: np.ndarray
+    up_elements: int = 0
+    down_elements: int = 0
+
+
+def train_round(algo_name: str, server, clients, executor, r: int, selected: list[int]):
+    """One training round: broadcast → local work → checked uploads → server update.
+    Returns (downloads, uploads, traffic)."""
+    n = len(clients)
+    traffic = Traffic(np.zeros(n), np.zeros(n))
+    downloads = server.broadcast(r, selected) or {}
+    for cid, payload in downloads.items():
+        e, b = payload_size(payload)
+        traffic.down_elements += e
+        traffic.down_bytes[cid] += b
+    uploads = {}
+    for cid, (loss, payload) in executor.train(clients, selected, downloads).items():
+        if not math.isfinite(loss):
+            raise HtflError(f"round {r}: client {cid} ({clients[cid].arch}) reached a non-finite "
+                            f"training loss ({loss}); lower --lr or check the {algo_name} options")
+        check_upload(algo_name, clients[cid], payload)
+        e, b = payload_size(payload)
+        traffic.up_elements += e
+        traffic.up_bytes[cid] += b
+        uploads[cid] = payload
+    server.update(r, uploads)
+    return downloads, uploads, traffic
+
+
 # ------------------------------------------------------------------ the loop
 def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
     """Run one federated experiment and return the path of its HDF5 result file."""
@@ -223,9 +265,7 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
     s = prepare(cfg, plugins)
     ctx, n = s.ctx, len(s.scenario.clients)
     seed_everything(cfg.seed)
-    clients = [s.algo.client(i, ctx.archs[i % len(ctx.archs)], s.scenario.clients[i].to(ctx.device),
-                             s.options, ctx) for i in range(n)]
-    server = s.algo.server(s.options, ctx)
+    clients, server = s.parties()
     executor = make_executor(cfg)
     rng = np.random.default_rng(derive_seed(cfg.seed, "loop"))
     record = RunRecord(s.path, {**config_mod.to_dict(cfg), "options": config_mod.to_dict(s.options)},
@@ -239,30 +279,11 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
     try:
         for r in range(cfg.rounds + 1):
             t0 = time.perf_counter()
-            up_b = np.zeros(n)
-            down_b = np.zeros(n)
-            up_e = down_e = 0
+            traffic = Traffic(np.zeros(n), np.zeros(n))
             selected, dropped = [], 0
             if r > 0:
                 selected, dropped = drop_clients(rng, select_clients(rng, n, cfg), cfg.drop_rate)
-                downloads = server.broadcast(r, selected) or {}
-                for cid, payload in downloads.items():
-                    e, b = payload_size(payload)
-                    down_e += e
-                    down_b[cid] += b
-                results = executor.train(clients, selected, downloads)
-                uploads = {}
-                for cid, (loss, payload) in results.items():
-                    if not math.isfinite(loss):
-                        raise HtflError(f"round {r}: client {cid} ({clients[cid].arch}) reached a "
-                                        f"non-finite training loss ({loss}); lower --lr or check "
-                                        f"the {cfg.algo} options")
-                    check_upload(cfg.algo, clients[cid], payload)
-                    e, b = payload_size(payload)
-                    up_e += e
-                    up_b[cid] += b
-                    uploads[cid] = payload
-                server.update(r, uploads)
+                _, _, traffic = train_round(cfg.algo, server, clients, executor, r, selected)
             t1 = time.perf_counter()
             if r % cfg.eval_gap == 0 or r == cfg.rounds:
                 m = evaluate(clients)
@@ -270,8 +291,9 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
                 m = {"test_acc": math.nan, "test_auc": math.nan, "train_loss": math.nan,
                      "client_test_acc": [math.nan] * n, "extra": {}}
             t2 = time.perf_counter()
+            up_b, down_b = traffic.up_bytes, traffic.down_bytes
             record.add(round=r, **m, upload_bytes=int(up_b.sum()), download_bytes=int(down_b.sum()),
-                       upload_elements=up_e, download_elements=down_e,
+                       upload_elements=traffic.up_elements, download_elements=traffic.down_elements,
                        client_upload_bytes=up_b.tolist(), client_download_bytes=down_b.tolist(),
                        round_seconds=t2 - t0, train_seconds=t1 - t0, eval_seconds=t2 - t1,
                        selected_clients=len(selected), dropped_clients=dropped)

@@ -56,7 +56,7 @@ class RunRecord:
         for k in SCALARS + MATRICES:
             self.rows[k].append(values[k])
         extras = self.rows.setdefault("extra", {})
-        for k, v in (extra or {}).items():
+        for k in extra or {}:
             extras.setdefault(k, [float("nan")] * (len(self) - 1))
         for k, col in extras.items():
             col.append(float((extra or {}).get(k, float("nan"))))
