@@ -55,12 +55,12 @@ from htfl_plugins.engine import Client, Server, derive_seed, weighted_average
 
 @dataclass
 class FedGenOptions:
-    noise_dim: int = opt(512, "generator noise width (HtFLlib default 512, tuned 32)", min=1)
+    noise_dim: int = opt(32, "generator noise width (HtFLlib's tuned 32; its default 512)", min=1)
     hidden_dim: int = opt(512, "generator hidden width (HtFLlib default 512)", min=1)
     server_epochs: int = opt(100, "generator Adam steps per round on the server "
                              "(HtFLlib default 100)", min=0)
-    generator_lr: float = opt(0.005, "generator Adam learning rate (HtFLlib default 0.005, "
-                              "tuned 0.1)", min=0.0)
+    generator_lr: float = opt(0.1, "generator Adam learning rate (HtFLlib's tuned 0.1; its "
+                              "default 0.005)", min=0.0)
     noise: str = opt("uniform", "generator noise: uniform in [0,1) (HtFLlib's code) or "
                      "gaussian N(0,1)", choices=["uniform", "gaussian"])
     gen_batch_size: int = opt(0, "labels per generator batch, server and client "

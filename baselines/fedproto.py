@@ -56,8 +56,8 @@ from htfl_plugins.engine import Client, Server, average_by_class
 
 @dataclass
 class FedProtoOptions:
-    lam: float = opt(1.0, "weight λ of the MSE between features and global prototypes "
-                     "(HtFLlib default 1, tuned 10)", min=0.0)
+    lam: float = opt(10.0, "weight λ of the MSE between features and global prototypes "
+                     "(HtFLlib's tuned 10; its default 1)", min=0.0)
     weighting: str = opt("uniform", "server mean of a class's prototypes: uniform over holders "
                          "(HtFLlib) or weighted by sample counts (paper)",
                          choices=["uniform", "samples"])
