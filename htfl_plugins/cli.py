@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from htfl_plugins import __version__
 from htfl_plugins import config as config_mod
@@ -118,20 +119,27 @@ def cmd_data(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------ compare
 def cmd_compare(args) -> int:
-    from htfl_plugins.results.load import compare_table, load, plot_curves
+    from htfl_plugins.results import load
+    from htfl_plugins.results.plots import plot_acc_vs_upload, plot_curves
+    from htfl_plugins.results.tables import compare_table, pivot_table, render, time_table, traffic_table
 
     df = load(args.paths)
-    table = compare_table(df, by=args.by.split(",") if args.by else None)
-    shown = table.drop(columns=["best_acc_mean"])
-    print(shown.to_markdown(index=False, floatfmt=".4g"))
-    if args.csv:
-        shown.to_csv(args.csv, index=False)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(shown.to_markdown(index=False, floatfmt=".4g") + "\n")
+    if args.table == "pivot":
+        table, index = pivot_table(df, metric=args.metric), True
+    elif args.table == "traffic":
+        table, index = traffic_table(df), True
+    elif args.table == "time":
+        table, index = time_table(df), True
+    else:
+        table, index = compare_table(df, by=args.by.split(",") if args.by else None), False
+    text = render(table, args.format, index=index)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + ("" if text.endswith("\n") else "\n"))
     if args.plot:
-        plot_curves(df, args.plot)
-        print(f"curves written to {args.plot}")
+        print(f"curves written to {plot_curves(df, args.plot)}")
+    if args.plot_upload:
+        print(f"accuracy against upload written to {plot_acc_vs_upload(df, args.plot_upload)}")
     return 0
 
 
@@ -166,11 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show"])
     p = sub.add_parser("compare", help="table (and curves) from result files")
     p.add_argument("paths", nargs="+", help="result files or folders")
-    p.add_argument("--csv", help="also write the table as CSV")
-    p.add_argument("--markdown", help="also write the table as markdown")
-    p.add_argument("--plot", help="draw accuracy curves to this image file")
-    p.add_argument("--by", help="comma-separated columns to group by "
-                   "(default algo,options,dataset,partition,clients,models)")
+    p.add_argument("--table", choices=["summary", "pivot", "traffic", "time"], default="summary",
+                   help="summary: one row per method and scenario; pivot: methods × scenarios, best "
+                   "per column in bold (the paper's layout); traffic: elements up/down per round in "
+                   "millions; time: seconds per round")
+    p.add_argument("--metric", choices=["best_acc", "last_acc", "best_auc"], default="best_acc",
+                   help="the pivot table's cells")
+    p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    p.add_argument("--output", "-o", help="also write the table to this file")
+    p.add_argument("--plot", help="draw accuracy curves (mean ± std over seeds) to this image file")
+    p.add_argument("--plot-upload", help="draw best accuracy against upload per round to this image file")
+    p.add_argument("--by", help="summary table: comma-separated columns to group by "
+                   "(default tag,algo,options,dataset,partition,clients,models)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark suite (TOML grid), skipping finished cells")
     p.add_argument("suite", help="suite file, e.g. benchmarks/suites/fedktl-ablations.toml")

@@ -1,0 +1,122 @@
+"""Tables from the DataFrame of :func:`htfl_plugins.results.load` (nothing is parsed
+from logs): a summary, the paper-style pivot, traffic and time tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from htfl_plugins.results.load import summarize
+
+RUN_KEYS = ["tag", "algo", "options"]
+SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models"]
+
+
+def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
+    v = values.dropna() * scale
+    if len(v) == 0:
+        return "–"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def _drop_constant_blank(table: pd.DataFrame, cols=("tag", "options")) -> pd.DataFrame:
+    for col in cols:
+        if col in table and (table[col].fillna("") == "").all():
+            table = table.drop(columns=col)
+    return table
+
+
+def with_method(df: pd.DataFrame) -> pd.DataFrame:
+    """Add a ``method`` column: the run's tag, else its algorithm, followed by its
+    options only where one algorithm appears with several option sets."""
+    out = df.copy()
+    variants = out.groupby("algo")["options"].nunique()
+    out["method"] = [t if t else (f"{a} ({o})" if variants[a] > 1 and o else a)
+                     for t, a, o in zip(out["tag"].fillna(""), out["algo"], out["options"].fillna(""))]
+    return out
+
+
+def _scenario_label(key, names) -> str:
+    key = key if isinstance(key, tuple) else (key,)
+    parts = [f"{n}={v}" if n in ("alpha", "clients", "join_ratio") else str(v) for n, v in zip(names, key)]
+    return " ".join(parts) or "default"
+
+
+def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """One row per group (default: run and scenario): mean ± std over seeds of best and
+    last accuracy (%), bytes up/down and seconds per training round."""
+    runs = summarize(df)
+    by = by or RUN_KEYS + ["dataset", "partition", "clients", "models"]
+    out = []
+    for key, g in runs.groupby(by, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append({**dict(zip(by, key)), "seeds": len(g),
+                    "best_acc": _pm(g["best_acc"]), "last_acc": _pm(g["last_acc"]),
+                    "upload_bytes/round": g["upload_bytes"].mean(),
+                    "download_bytes/round": g["download_bytes"].mean(),
+                    "s/round": g["round_seconds"].mean()})
+    return _drop_constant_blank(pd.DataFrame(out))
+
+
+def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
+                bold: str = "**{}**") -> pd.DataFrame:
+    """The paper's layout: rows are methods, columns scenarios, cells mean ± std (%)
+    over seeds of ``metric``; the best mean of each column is wrapped in ``bold``."""
+    runs = with_method(summarize(df))
+    cols = cols or [c for c in SCENARIO_KEYS if runs[c].nunique(dropna=False) > 1] or ["dataset"]
+    cells, means = {}, {}
+    for rlabel, rg in runs.groupby("method", sort=False):
+        for ckey, g in rg.groupby(cols, sort=False, dropna=False):
+            clabel = _scenario_label(ckey, cols)
+            cells[(rlabel, clabel)] = _pm(g[metric])
+            means[(rlabel, clabel)] = g[metric].mean()
+    row_labels = list(dict.fromkeys(r for r, _ in cells))
+    col_labels = list(dict.fromkeys(c for _, c in cells))
+    table = pd.DataFrame("–", index=row_labels, columns=col_labels)
+    for (r, c), text in cells.items():
+        table.loc[r, c] = text
+    for c in col_labels:
+        col = {r: m for (r, cc), m in means.items() if cc == c and pd.notna(m)}
+        if col and bold:
+            best = max(col, key=col.get)
+            table.loc[best, c] = bold.format(table.loc[best, c])
+    table.index.name = "method"
+    return table
+
+
+def traffic_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Elements (floats and int labels) sent per training round by all clients, in
+    millions, as in the FedKTL paper's Table 5; and bytes."""
+    out = []
+    for method, g in with_method(df[df["round"] > 0]).groupby("method", sort=False):
+        out.append({"method": method,
+                    "upload (M)": g["upload_elements"].mean() / 1e6,
+                    "download (M)": g["download_elements"].mean() / 1e6,
+                    "upload MB": g["upload_bytes"].mean() / 1e6,
+                    "download MB": g["download_bytes"].mean() / 1e6})
+    return pd.DataFrame(out).set_index("method")
+
+
+def time_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per training round (local work + server) and per evaluation."""
+    out = []
+    for method, g in with_method(df[df["round"] > 0]).groupby("method", sort=False):
+        out.append({"method": method, "train s/round": g["train_seconds"].mean(),
+                    "eval s/round": g["eval_seconds"].dropna().mean(),
+                    "total s/round": g["round_seconds"].mean()})
+    return pd.DataFrame(out).set_index("method")
+
+
+def render(table: pd.DataFrame, fmt: str, index: bool = True) -> str:
+    """markdown, csv or latex text of a table."""
+    if fmt == "csv":
+        return table.to_csv(index=index)
+    if fmt == "latex":
+        def cell(v):
+            if not isinstance(v, str):
+                return v
+            text = v.strip("*").replace("±", r"$\pm$")
+            return r"\textbf{" + text + "}" if v.startswith("**") else text
+        return table.map(cell).to_latex(index=index, float_format="%.4g", escape=False)
+    return table.to_markdown(index=index, floatfmt=".4g")

@@ -1,0 +1,74 @@
+"""Tables and figures from result files, through the one pandas reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from htfl_plugins.cli import main
+from htfl_plugins.config import RunConfig, build
+from htfl_plugins.engine import run
+from htfl_plugins.results import load, pivot_table, summarize, time_table, traffic_table
+from htfl_plugins.results.tables import render
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """local and feddistill, 2 seeds each, on two digits scenarios (alpha 0.5 and 5)."""
+    out = tmp_path_factory.mktemp("grid")
+    for algo in ("local", "feddistill"):
+        for alpha in (0.5, 5.0):
+            for seed in (0, 1):
+                cfg = build(RunConfig, dict(algo=algo, dataset="digits", clients=3, rounds=2, alpha=alpha,
+                                            seed=seed, out=str(out), name=f"{algo}-{alpha}-{seed}"), "s")
+                run(cfg, quiet=True)
+    return out
+
+
+def test_load_is_long_form_with_settings(grid):
+    df = load(grid)
+    assert len(df) == 8 * 3 and set(df["round"]) == {0, 1, 2}
+    assert set(df["algo"]) == {"local", "feddistill"} and set(df["alpha"]) == {0.5, 5.0}
+    runs = summarize(df)
+    assert len(runs) == 8
+    one = df[df["run"] == "local-0.5-0"]
+    assert runs.set_index("run").loc["local-0.5-0", "best_acc"] == one["test_acc"].max()
+
+
+def test_pivot_bolds_the_best_mean_of_each_column(grid):
+    df = load(grid)
+    table = pivot_table(df)
+    assert list(table.columns) == ["alpha=0.5", "alpha=5.0"]
+    assert set(table.index) == {"local", "feddistill"}
+    runs = summarize(df)
+    for col, alpha in zip(table.columns, (0.5, 5.0)):
+        means = runs[runs["alpha"] == alpha].groupby("algo")["best_acc"].mean()
+        best = means.idxmax()
+        assert table.loc[best, col].startswith("**") and "±" in table.loc[best, col]
+        other = next(a for a in means.index if a != best)
+        assert not table.loc[other, col].startswith("**")
+        mean_text = table.loc[best, col].strip("*").split(" ± ")[0]
+        assert float(mean_text) == pytest.approx(means[best] * 100, abs=0.006)
+    latex = render(table, "latex")
+    assert r"\textbf{" in latex and r"$\pm$" in latex and "**" not in latex
+
+
+def test_traffic_and_time_tables(grid):
+    df = load(grid)
+    traffic = traffic_table(df)
+    assert traffic.loc["local", "upload (M)"] == 0
+    fd = df[(df["algo"] == "feddistill") & (df["round"] > 0)]
+    assert traffic.loc["feddistill", "upload (M)"] == pytest.approx(fd["upload_elements"].mean() / 1e6)
+    times = time_table(df)
+    assert (times["total s/round"] > 0).all() and np.isfinite(times.values).all()
+
+
+def test_compare_cli_writes_tables_and_figures(grid, tmp_path, capsys):
+    tex = tmp_path / "t.tex"
+    assert main(["compare", str(grid), "--table", "pivot", "--format", "latex", "-o", str(tex),
+                 "--plot", str(tmp_path / "c.png"), "--plot-upload", str(tmp_path / "u.png")]) == 0
+    assert r"\textbf" in tex.read_text()
+    assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "u.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["compare", str(grid), "--table", "traffic"]) == 0
+    assert "upload (M)" in capsys.readouterr().out
