@@ -80,6 +80,19 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def cmd_resume(args) -> int:
+    from htfl_plugins.engine import run
+    from htfl_plugins.results import read_run
+
+    path = Path(args.run)
+    saved = read_run(path)["config"]
+    saved.update(name=path.stem, out=str(path.parent))
+    cfg = config_mod.build(RunConfig, saved, f"setting(s) stored in {path}")
+    _setup_logging(args.quiet, False)
+    print(run(cfg, quiet=args.quiet, resume=True))
+    return 0
+
+
 # ------------------------------------------------------------------ list
 def cmd_list(args) -> int:
     plugins = get_plugins()
@@ -167,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.add_parser("run", help="run one experiment (htfl run --algo NAME --help for its options)",
                    add_help=False)
+    p = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
+    p.add_argument("run", help="the run's .h5 file (its .ckpt lies beside it)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_resume)
     p = sub.add_parser("list", help="list registered plugins' items")
     p.add_argument("kind", choices=get_plugins().kinds())
     p.set_defaults(func=cmd_list)

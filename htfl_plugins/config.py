@@ -56,6 +56,13 @@ class RunConfig:
     batch_size: int = opt(10, "local batch size", min=1, alias="-lbs")
     lr: float = opt(0.01, "local learning rate (SGD)", min=0.0)
     eval_gap: int = opt(1, "evaluate every N rounds (the last round always)", min=1)
+    checkpoint_every: int = opt(10, "write the whole run state every N rounds (and at round 0) next "
+                                "to the result file, for `htfl resume` (0: never)", min=0)
+    failure_tolerance: float = opt(0.5, "a client whose local update raises or turns non-finite "
+                                   "is dropped from the round; the run stops when more than this "
+                                   "share of a round's clients fail", min=0.0, max=1.0)
+    straggler_rate: float = opt(0.0, "share of the selected clients that are stragglers and finish "
+                                "only a random 10–100% of their local batches", min=0.0, max=1.0)
     top_cnt: int = opt(0, "stop after this many evaluations without a new best "
                        "accuracy (0: never)", min=0)
     train_ratio: float = opt(0.75, "share of each client's samples used for training",

@@ -26,18 +26,28 @@ class ToyOptions:
 
 class ToyClient(Client):
     uploads = ("vec", "count")
+    batches_done = 0
 
     def train(self):
         if self.options.bad == "nan":
             return float("nan")
-        return super().train()
+        if self.options.bad == "raise1" and self.cid == 1:
+            raise RuntimeError("disk on fire")
+        self.batches_done = 0
+        self.model.train()
+        for x, y in self.batches():
+            self.batches_done += 1
+            self.optimizer.zero_grad()
+            self.training_loss(x, y).backward()
+            self.optimizer.step()
+        return 0.5
 
     def upload(self):
         if self.options.bad == "undeclared":
             return {"vec": torch.zeros(self.options.size), "raw_images": self.data.x_train[:4]}
         if self.options.bad == "inf":
             return {"vec": torch.full((self.options.size,), float("inf"))}
-        return {"vec": torch.zeros(self.options.size), "count": torch.tensor([self.data.n_train])}
+        return {"vec": torch.zeros(self.options.size), "count": torch.tensor([self.batches_done])}
 
 
 class ToyServer(Server):
@@ -52,7 +62,7 @@ class ToyServer(Server):
         return {cid: {"w": torch.zeros(cid + 1, dtype=torch.float64)} for cid in selected}
 
     def update(self, round, uploads):
-        self.seen.append(sorted(uploads))
+        self.seen.append({cid: int(u["count"]) for cid, u in uploads.items()})
 
 
 class ToyPlugin:
@@ -144,8 +154,8 @@ def test_top_cnt_stops_early(digits_config):
 
 @pytest.mark.parametrize("bad, message", [
     ("undeclared", "undeclared tensor 'raw_images'"),
-    ("inf", "NaN or Inf"),
-    ("nan", "round 1: client 0"),
+    ("inf", "round 1: 4 of 4 clients failed.*upload 'vec' holds NaN or Inf"),
+    ("nan", "round 1: 4 of 4 clients failed.*client 0 .*non-finite training loss"),
 ])
 def test_bad_uploads_and_losses_are_refused(digits_config, toy_plugins, bad, message):
     with pytest.raises(HtflError, match=message):
@@ -158,3 +168,42 @@ def test_failed_run_keeps_its_finished_rounds(digits_config, toy_plugins, tmp_pa
     r = read_run(tmp_path / "results" / "f.h5")
     assert r["attrs"]["status"] == "failed" and list(r["round"]) == [0]
     assert not list((tmp_path / "results").glob("*.tmp"))
+
+
+def test_a_failing_client_is_dropped_counted_and_restored(digits_config, toy_plugins, caplog):
+    cfg = digits_config(algo="toy", options={"bad": "raise1"}, rounds=3)
+    r = read_run(run(cfg, plugins=toy_plugins, quiet=True))
+    assert r["attrs"]["status"] == "finished"
+    assert list(r["failed_clients"]) == [0, 1, 1, 1]
+    assert (r["client_upload_bytes"][1:, 1] == 0).all() and (r["client_upload_bytes"][1:, 0] > 0).all()
+    # its state went back to before each round: it never changes
+    assert len(set(r["client_test_acc"][:, 1])) == 1
+    assert "client 1 (SmallCNN) failed and is left out of this round: RuntimeError: disk on fire" in caplog.text
+
+
+def test_stragglers_do_part_of_their_work(digits_config, toy_plugins, monkeypatch):
+    cfg = digits_config(algo="toy", straggler_rate=0.5, rounds=3, batch_size=5)
+    _, clients, _ = parties_of(cfg, toy_plugins)
+    full = [c.batches_per_round() for c in clients]
+    seen = []
+    original = ToyServer.update
+
+    def spy(self, round, uploads):
+        seen.append({cid: int(u["count"]) for cid, u in uploads.items()})
+        original(self, round, uploads)
+
+    monkeypatch.setattr(ToyServer, "update", spy)
+    r = read_run(run(cfg, plugins=toy_plugins, quiet=True))
+    assert list(r["straggler_clients"]) == [0, 2, 2, 2]
+    assert len(seen) == 3
+    for counts in seen:  # every client uploads its batch count; two fell short of a full update
+        short = [cid for cid, k in counts.items() if k < full[cid]]
+        assert len(short) == 2 and all(counts[c] >= 1 for c in short)
+        assert all(counts[c] == full[c] for c in counts if c not in short)
+
+
+def parties_of(cfg, plugins):
+    from htfl_plugins.engine.loop import prepare
+
+    s = prepare(cfg, plugins)
+    return (s, *s.parties())

@@ -85,16 +85,30 @@ class Client:
         self.model = ctx.build_model(arch)
         self.rng = ctx.generator("client", cid)
         self.optimizer = self.make_optimizer(self.model.parameters())
+        #: batches this round's local update may still take (None: no limit; stragglers)
+        self.batch_budget: int | None = None
 
     # -------------------------------------------------------------- training
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.cfg.lr)
 
     def batches(self, x=None, y=None, batch_size=None):
+        """Shuffled training batches on the client's device; a straggler's
+        ``batch_budget`` ends its local work early."""
         x = self.data.x_train if x is None else x
         y = self.data.y_train if y is None else y
         for xb, yb in batches(x, y, batch_size or self.cfg.batch_size, self.rng):
+            if self.batch_budget is not None:
+                if self.batch_budget <= 0:
+                    return
+                self.batch_budget -= 1
             yield xb.to(self.device), yb.to(self.device)
+
+    def batches_per_round(self) -> int:
+        """Local batches of a full local update (``local_epochs`` passes)."""
+        n, b = self.data.n_train, self.cfg.batch_size
+        per_epoch = n // b + (1 if n % b > 1 or n < b else 0)
+        return self.cfg.local_epochs * max(per_epoch, 1)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.model(x), y)

@@ -188,7 +188,8 @@ def payload_size(payload: Payload) -> tuple[int, int]:
 
 
 def check_upload(algo_name: str, client, payload) -> None:
-    """Refuse anything a client's class does not declare, and non-finite values."""
+    """Refuse anything a client's class does not declare (non-finite values are the
+    executor's business: they make a client failure)."""
     if not isinstance(payload, dict):
         raise HtflError(f"algorithm {algo_name!r}: client {client.cid} uploaded a "
                         f"{type(payload).__name__}, not a mapping of named tensors")
@@ -199,9 +200,6 @@ def check_upload(algo_name: str, client, payload) -> None:
         if not any(fnmatch.fnmatchcase(name, pat) for pat in type(client).uploads):
             raise HtflError(f"algorithm {algo_name!r}: client {client.cid} tried to upload "
                             f"undeclared tensor {name!r}; it declares {list(type(client).uploads)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise HtflError(f"algorithm {algo_name!r}: upload {name!r} of client {client.cid} "
-                            "holds NaN or Inf values")
 
 
 # ------------------------------------------------------------------ selection
@@ -222,17 +220,22 @@ def drop_clients(rng: np.random.Generator, selected: list[int], rate: float) -> 
 
 @dataclass
 class Traffic:
-    """Bytes per client and element totals of one training round."""
+    """Bytes per client and element totals of one training round, and who failed."""
 
     up_bytes: np.ndarray
     down_bytes: np.ndarray
     up_elements: int = 0
     down_elements: int = 0
+    failed: list = field(default_factory=list)
 
 
-def train_round(algo_name: str, server, clients, executor, r: int, selected: list[int]):
+def train_round(algo_name: str, server, clients, executor, r: int, selected: list[int],
+                budgets: dict | None = None, failure_tolerance: float = 1.0):
     """One training round: broadcast → local work → checked uploads → server update.
-    Returns (downloads, uploads, traffic)."""
+    Clients whose local update fails are left out of the update; more than
+    ``failure_tolerance`` of them stops the run. Returns (downloads, uploads, traffic)."""
+    from htfl_plugins.engine.executors import Failure
+
     n = len(clients)
     traffic = Traffic(np.zeros(n), np.zeros(n))
     downloads = server.broadcast(r, selected) or {}
@@ -241,22 +244,72 @@ def train_round(algo_name: str, server, clients, executor, r: int, selected: lis
         traffic.down_elements += e
         traffic.down_bytes[cid] += b
     uploads = {}
-    for cid, (loss, payload) in executor.train(clients, selected, downloads).items():
-        if not math.isfinite(loss):
-            raise HtflError(f"round {r}: client {cid} ({clients[cid].arch}) reached a non-finite "
-                            f"training loss ({loss}); lower --lr or check the {algo_name} options")
+    for cid, result in executor.train(clients, selected, downloads, budgets).items():
+        if isinstance(result, Failure):
+            log.warning("round %d: client %d (%s) failed and is left out of this round: %s",
+                        r, cid, clients[cid].arch, result.reason)
+            traffic.failed.append((cid, result.reason))
+            continue
+        _, payload = result
         check_upload(algo_name, clients[cid], payload)
         e, b = payload_size(payload)
         traffic.up_elements += e
         traffic.up_bytes[cid] += b
         uploads[cid] = payload
+    if traffic.failed and len(traffic.failed) > failure_tolerance * len(selected):
+        cid, reason = traffic.failed[0]
+        raise HtflError(f"round {r}: {len(traffic.failed)} of {len(selected)} clients failed, more than "
+                        f"--failure-tolerance {failure_tolerance} allows (client {cid} "
+                        f"({clients[cid].arch}): {reason}); lower --lr or check the {algo_name} options")
     server.update(r, uploads)
     return downloads, uploads, traffic
 
 
+def straggler_budgets(rng: np.random.Generator, clients, selected: list[int], rate: float) -> dict:
+    """Batch budgets of this round's stragglers: a random 10–100% of a full update."""
+    k = int(len(selected) * rate)
+    if k == 0:
+        return {}
+    chosen = sorted(rng.choice(selected, size=k, replace=False).tolist())
+    return {cid: max(1, int(rng.uniform(0.1, 1.0) * clients[cid].batches_per_round())) for cid in chosen}
+
+
+# ------------------------------------------------------------------ checkpoints
+def checkpoint_path(result: Path) -> Path:
+    return result.with_suffix(".ckpt")
+
+
+def save_checkpoint(path: Path, r: int, clients, server, rng, record, best) -> None:
+    """The whole run state after round r, written atomically."""
+    state = {"round": r, "clients": [c.state_dict() for c in clients], "server": server.state_dict(),
+             "loop_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+             "rows": record.rows, "best": best}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".ckpt.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise HtflError(f"no checkpoint {path}: the run finished or ran with --checkpoint-every 0") from None
+    except Exception as exc:
+        raise HtflError(f"checkpoint {path} is unreadable: {exc}") from None
+
+
 # ------------------------------------------------------------------ the loop
-def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
-    """Run one federated experiment and return the path of its HDF5 result file."""
+def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False) -> Path:
+    """Run one federated experiment and return the path of its HDF5 result file.
+    With ``resume``, continue from the checkpoint next to the result file that
+    ``cfg.out``/``cfg.name`` name."""
     from htfl_plugins.plugins import get_plugins
 
     plugins = plugins or get_plugins()
@@ -272,18 +325,34 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
                        n, extra_attrs={"archs": ctx.archs, "num_classes": ctx.num_classes,
                                        "scenario": s.scenario.path})
     info = RunInfo(cfg, s.options, s.path, n, ctx.archs, quiet=quiet)
+    since_best, start = 0, 0
+    ckpt = checkpoint_path(s.path)
+    if resume:
+        state = load_checkpoint(ckpt)
+        for c, cs in zip(clients, state["clients"]):
+            c.load_state_dict(cs)
+        server.load_state_dict(state["server"])
+        rng.bit_generator.state = state["loop_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        record.rows = state["rows"]
+        info.best_acc, info.best_round, since_best = state["best"]
+        start = state["round"] + 1
+        log.info("resuming %s after round %d", s.path.name, state["round"])
     hook = plugins.hook
     hook.on_run_start(run=info)
     status = "failed"
-    since_best = 0
     try:
-        for r in range(cfg.rounds + 1):
+        for r in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
             traffic = Traffic(np.zeros(n), np.zeros(n))
-            selected, dropped = [], 0
+            selected, dropped, budgets = [], 0, {}
             if r > 0:
                 selected, dropped = drop_clients(rng, select_clients(rng, n, cfg), cfg.drop_rate)
-                _, _, traffic = train_round(cfg.algo, server, clients, executor, r, selected)
+                budgets = straggler_budgets(rng, clients, selected, cfg.straggler_rate)
+                _, _, traffic = train_round(cfg.algo, server, clients, executor, r, selected, budgets,
+                                            cfg.failure_tolerance)
             t1 = time.perf_counter()
             if r % cfg.eval_gap == 0 or r == cfg.rounds:
                 m = evaluate(clients)
@@ -296,13 +365,17 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
                        upload_elements=traffic.up_elements, download_elements=traffic.down_elements,
                        client_upload_bytes=up_b.tolist(), client_download_bytes=down_b.tolist(),
                        round_seconds=t2 - t0, train_seconds=t1 - t0, eval_seconds=t2 - t1,
-                       selected_clients=len(selected), dropped_clients=dropped)
+                       selected_clients=len(selected), dropped_clients=dropped,
+                       failed_clients=len(traffic.failed), straggler_clients=len(budgets))
             record.write()
             if not math.isnan(m["test_acc"]):
                 if not m["test_acc"] <= info.best_acc:  # also true while best is NaN
                     info.best_acc, info.best_round, since_best = m["test_acc"], r, 0
                 else:
                     since_best += 1
+            if cfg.checkpoint_every and r % cfg.checkpoint_every == 0 and r < cfg.rounds:
+                save_checkpoint(ckpt, r, clients, server, rng, record,
+                                (info.best_acc, info.best_round, since_best))
             metrics = {k: v for k, v in m.items() if k not in ("client_test_acc", "extra")}
             metrics.update(m["extra"])
             metrics.update(upload_bytes=int(up_b.sum()), download_bytes=int(down_b.sum()),
@@ -315,6 +388,7 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False) -> Path:
                 break
         else:
             status = "finished"
+        ckpt.unlink(missing_ok=True)  # a finished run has nothing to resume
     except KeyboardInterrupt:
         status = "interrupted"
         raise

@@ -31,7 +31,7 @@ from htfl_plugins.errors import HtflError
 
 SCALARS = ["round", "test_acc", "test_auc", "train_loss", "upload_bytes", "download_bytes",
            "upload_elements", "download_elements", "round_seconds", "train_seconds",
-           "eval_seconds", "selected_clients", "dropped_clients"]
+           "eval_seconds", "selected_clients", "dropped_clients", "failed_clients", "straggler_clients"]
 MATRICES = ["client_test_acc", "client_upload_bytes", "client_download_bytes"]
 HTFLLIB_KEYS = {"rs_test_acc": "test_acc", "rs_test_auc": "test_auc", "rs_train_loss": "train_loss"}
 FORMAT = "htfl-run-1"
@@ -75,6 +75,7 @@ class RunRecord:
             with h5py.File(tmp, "w") as f:
                 for k in SCALARS:
                     dtype = np.int64 if k in ("round", "selected_clients", "dropped_clients",
+                                              "failed_clients", "straggler_clients",
                                               "upload_bytes", "download_bytes",
                                               "upload_elements", "download_elements") else np.float64
                     f.create_dataset(k, data=np.asarray(self.rows[k], dtype=dtype))
