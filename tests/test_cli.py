@@ -29,6 +29,16 @@ QUICK = ["--dataset", "digits", "--clients", "3", "--rounds", "1", "-q"]
     (["--algo", "fedktl", "--generator", "stylegan"], "needs --generator-path"),
     (["--algo", "fedktl", "--generator-path", "/nonexistent/w.tar"], "/nonexistent/w.tar not found"),
     (["--device", "cuda:0"], "no CUDA device"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--train-ratio", "1.5"], "--train-ratio must be at most 0.99"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--seed", "-3"], "--seed must be at least 0"),
+    (["--balance", "maybe"], "expected true or false"),
+    (["--partition", "exdir", "--classes-per-client", "11"], "between 1 and 10"),
+    (["--algo", "lg_fedavg", "--models", "FedAvgCNN,ViT-B/32"], "heads"),
+    (["--algo", "fedkd", "--t-start", "0.99", "--t-end", "0.9"], "--t-end (0.9) must not be below --t-start"),
+    (["--algo", "fedktl", "--proj", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--out", "/proc/htfl-cannot-write-here"], "cannot write results to /proc/htfl-cannot-write-here"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, capsys, args, message):
     out = tmp_path / "out"

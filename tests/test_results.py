@@ -72,3 +72,13 @@ def test_compare_cli_writes_tables_and_figures(grid, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(grid), "--table", "traffic"]) == 0
     assert "upload (M)" in capsys.readouterr().out
+
+
+def test_foreign_hdf5_is_refused_in_one_line(tmp_path, capsys):
+    import h5py
+
+    with h5py.File(tmp_path / "theirs.h5", "w") as f:
+        f["rs_test_acc"] = np.zeros(3)
+    assert main(["compare", str(tmp_path / "theirs.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not an htfl result file" in err
