@@ -89,3 +89,16 @@ def test_resume_without_checkpoint_is_one_clear_line(digits_config, capsys):
     assert main(["resume", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint" in err
+
+
+def test_full_disk_is_reported_before_training(digits_config, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from htfl_plugins.errors import HtflError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(HtflError, match="not enough disk space .* 1 MB free"):
+        run(digits_config(name="full"), quiet=True)
+    assert not (tmp_path / "results" / "full.h5").exists()

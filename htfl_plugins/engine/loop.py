@@ -296,6 +296,32 @@ def save_checkpoint(path: Path, r: int, clients, server, rng, record, best) -> N
         raise
 
 
+def state_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def check_disk(folder: Path, clients, server, checkpoints: bool) -> None:
+    """Refuse to start when the result folder cannot hold a checkpoint (twice: the
+    new one is written before the old one is replaced)."""
+    import shutil
+
+    need = 2 * (sum(state_bytes(c.state_dict()) for c in clients) + state_bytes(server.state_dict())) \
+        if checkpoints else 0
+    need += 16 << 20  # the result file and slack
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise HtflError(f"not enough disk space in {folder}: {free / 1e6:.0f} MB free, about "
+                        f"{need / 1e6:.0f} MB needed for checkpoints and results; free some space, "
+                        "choose another --out, or pass --checkpoint-every 0")
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -319,6 +345,7 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
     ctx, n = s.ctx, len(s.scenario.clients)
     seed_everything(cfg.seed)
     clients, server = s.parties()
+    check_disk(s.path.parent, clients, server, bool(cfg.checkpoint_every))
     executor = make_executor(cfg)
     rng = np.random.default_rng(derive_seed(cfg.seed, "loop"))
     record = RunRecord(s.path, {**config_mod.to_dict(cfg), "options": config_mod.to_dict(s.options)},
