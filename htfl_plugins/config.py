@@ -73,6 +73,10 @@ class RunConfig:
     seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
+    executor: str = opt("sequential", "who runs the clients' local work: sequential (this process) or "
+                        "process (a pool of --workers processes, one torch thread each)",
+                        choices=["sequential", "process"])
+    workers: int = opt(2, "worker processes of --executor process", min=1)
     out: str = opt("results", "folder for the HDF5 result file")
     name: str = opt("", "result file name without .h5 (default: derived from the settings)")
     tag: str = opt("", "free-form label stored with the results (tables group by it)")
@@ -132,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         names = [flag(f.name)]
         if meta.get("alias"):
             names.append(meta["alias"])
-        help_text = f"{meta.get('help', '')} (default: {default})"
+        help_text = f"{meta.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
         if tp is bool:
             parser.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True,
                                 metavar="BOOL", help=help_text, default=argparse.SUPPRESS)

@@ -207,3 +207,14 @@ def parties_of(cfg, plugins):
 
     s = prepare(cfg, plugins)
     return (s, *s.parties())
+
+
+@pytest.mark.parametrize("algo", ["local", "fedktl", "fedproto"])
+def test_process_executor_gives_the_sequential_curves(digits_config, algo):
+    options = {"server_epochs": 3, "save_images": 0} if algo == "fedktl" else {}
+    seq = read_run(run(digits_config(algo=algo, threads=1, options=options, name="seq", rounds=3,
+                                     join_ratio=0.75), quiet=True))
+    par = read_run(run(digits_config(algo=algo, threads=1, options=options, name="par", rounds=3,
+                                     join_ratio=0.75, executor="process", workers=2), quiet=True))
+    for key in ["test_acc", "test_auc", "train_loss", "client_test_acc", "upload_bytes", "download_bytes"]:
+        assert np.array_equal(seq[key], par[key]), key

@@ -244,7 +244,7 @@ def train_round(algo_name: str, server, clients, executor, r: int, selected: lis
         traffic.down_elements += e
         traffic.down_bytes[cid] += b
     uploads = {}
-    for cid, result in executor.train(clients, selected, downloads, budgets).items():
+    for cid, result in executor.train(clients, selected, downloads, budgets, r).items():
         if isinstance(result, Failure):
             log.warning("round %d: client %d (%s) failed and is left out of this round: %s",
                         r, cid, clients[cid].arch, result.reason)
