@@ -1,10 +1,11 @@
-"""Small helpers shared by several baselines (append-only: add, never edit)."""
+"""Pieces shared by several baselines."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from htfl_plugins.engine import Client, Server, average_by_class
 from htfl_plugins.errors import HtflError
 
 
@@ -124,3 +125,108 @@ def check_model_name(algo: str, option: str, arch: str, ctx) -> None:
         known = ", ".join(ctx.plugins.registry("models").names())
         raise HtflError(f"{algo}: --{option.replace('_', '-')} {arch!r} is not a known model "
                         f"(known: {known})")
+
+
+# ------------------------------------------- one vector per class, both ways (FedProto, FedDistill)
+class ClassVectorClient(Client):
+    """Uploads the per-class mean of one of its outputs after training and keeps the
+    server's per-class vectors as a K×d matrix with a mask of the classes present.
+
+    A subclass sets ``key``/``labels_key`` (payload names), implements
+    ``vector_dim()`` and ``local_outputs(x)`` (what is averaged), and reads the
+    ``source`` option: "after" (the trained model in eval mode) or "during" (the
+    training forward passes; call ``self.record(outputs, y)`` there)."""
+
+    key = "vectors"
+    labels_key = "labels"
+
+    def __init__(self, cid, arch, data, options, ctx):
+        super().__init__(cid, arch, data, options, ctx)
+        self.global_vectors: torch.Tensor | None = None  # K×d, rows valid where global_mask
+        self.global_mask = torch.zeros(ctx.num_classes, dtype=torch.bool, device=self.device)
+        self._acc: ClassAccumulator | None = None
+        self._local = None  # (labels, means, counts) of the last local update
+
+    def vector_dim(self) -> int:
+        raise NotImplementedError
+
+    def local_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def source(self) -> str:
+        raise NotImplementedError
+
+    def receive(self, payload) -> None:
+        if self.key not in payload:
+            return
+        k = self.ctx.num_classes
+        labels = payload[self.labels_key].to(self.device)
+        vectors = torch.zeros(k, self.vector_dim(), device=self.device)
+        vectors[labels] = payload[self.key].to(self.device, torch.float32)
+        mask = torch.zeros(k, dtype=torch.bool, device=self.device)
+        mask[labels] = True
+        self.global_vectors, self.global_mask = vectors, mask
+
+    def record(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+        if self._acc is not None:
+            self._acc.add(outputs, y)
+
+    def train(self) -> float:
+        k = self.ctx.num_classes
+        self._acc = ClassAccumulator(k) if self.source() == "during" else None
+        loss = super().train()
+        if self._acc is not None:
+            labels, means, _ = self._acc.result()
+            self._acc = None
+        else:
+            labels, means, _ = class_mean_outputs(self.model, self.local_outputs, self.data.x_train,
+                                                  self.data.y_train, k)
+        # a class's weight is its number of training samples (not multiplied by epochs)
+        counts = torch.bincount(self.data.y_train.cpu(), minlength=k)[labels]
+        self._local = (labels, means, counts)
+        return loss
+
+    def state_dict(self):
+        return {**super().state_dict(), "global_vectors": self.global_vectors,
+                "global_mask": self.global_mask.clone(), "local": self._local}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.global_vectors = state["global_vectors"]
+        self.global_mask = state["global_mask"].clone()
+        self._local = state["local"]
+
+
+class ClassVectorServer(Server):
+    """Averages each class's uploaded vectors over the clients that hold it
+    (weighted by ``weights_key`` counts when that is set) and sends every known
+    class's vector to the selected clients."""
+
+    key = "vectors"
+    labels_key = "labels"
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        self.vectors: dict[int, torch.Tensor] = {}
+
+    def weights_key(self) -> str | None:
+        return None
+
+    def broadcast(self, round, selected):
+        if not self.vectors:
+            return {}
+        labels = sorted(self.vectors)
+        return self.to_all(selected, {self.key: torch.stack([self.vectors[c] for c in labels]),
+                                      self.labels_key: torch.tensor(labels, dtype=torch.int64)})
+
+    def update(self, round, uploads):
+        if uploads:  # nobody uploaded (all dropped): keep the previous vectors
+            self.vectors = average_by_class(uploads, self.key, self.labels_key, self.ctx.num_classes,
+                                            weights_key=self.weights_key())
+
+    def state_dict(self):
+        return {**super().state_dict(), "vectors": dict(self.vectors)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.vectors = dict(state["vectors"])

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baselines._common import ClassAccumulator, class_mean_outputs
+from baselines._common import ClassVectorClient, ClassVectorServer
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, average_by_class
 
 
 @dataclass
@@ -75,96 +74,42 @@ def distill_term(out: torch.Tensor, targets: torch.Tensor, has: torch.Tensor, ta
     return per.sum() / len(out)
 
 
-class FedDistillClient(Client):
+class FedDistillClient(ClassVectorClient):
     uploads = ("logits", "logit_labels")
+    key, labels_key = "logits", "logit_labels"
 
-    def __init__(self, cid, arch, data, options, ctx):
-        super().__init__(cid, arch, data, options, ctx)
-        K = ctx.num_classes
-        self.global_logits: torch.Tensor | None = None  # K×K, rows valid where mask
-        self.global_mask = torch.zeros(K, dtype=torch.bool, device=self.device)
-        self._acc: ClassAccumulator | None = None
-        self._local = None
+    def vector_dim(self) -> int:
+        return self.ctx.num_classes
 
-    def receive(self, payload) -> None:
-        if "logits" not in payload:
-            return
-        K = self.ctx.num_classes
-        labels = payload["logit_labels"].to(self.device)
-        logits = torch.zeros(K, K, device=self.device)
-        logits[labels] = payload["logits"].to(self.device, torch.float32)
-        mask = torch.zeros(K, dtype=torch.bool, device=self.device)
-        mask[labels] = True
-        self.global_logits, self.global_mask = logits, mask
+    def local_outputs(self, x):
+        return self.model(x)
+
+    def source(self) -> str:
+        return self.options.logit_source
 
     def upload(self):
-        labels, means = self._local
+        labels, means, _ = self._local
         return {"logits": means, "logit_labels": labels}
 
     def objective(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(out, y)
-        if self.global_logits is not None:
+        if self.global_vectors is not None:
             o = self.options
-            loss = loss + o.lam * distill_term(out, self.global_logits[y], self.global_mask[y],
+            loss = loss + o.lam * distill_term(out, self.global_vectors[y], self.global_mask[y],
                                                o.target, o.temperature)
         return loss
 
     def training_loss(self, x, y):
         out = self.model(x)
-        if self._acc is not None:
-            self._acc.add(out, y)
+        self.record(out, y)
         return self.objective(out, y)
-
-    def train(self) -> float:
-        K = self.ctx.num_classes
-        self._acc = ClassAccumulator(K) if self.options.logit_source == "during" else None
-        loss = super().train()
-        if self._acc is not None:
-            labels, means, _ = self._acc.result()
-            self._acc = None
-        else:
-            labels, means, _ = class_mean_outputs(self.model, self.model, self.data.x_train,
-                                                  self.data.y_train, K)
-        self._local = (labels, means)
-        return loss
 
     def eval_loss(self, x, y):
         return self.objective(self.model(x), y)
 
-    def state_dict(self):
-        return {**super().state_dict(), "global_logits": self.global_logits,
-                "global_mask": self.global_mask.clone(), "local": self._local}
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.global_logits = state["global_logits"]
-        self.global_mask = state["global_mask"].clone()
-        self._local = state["local"]
-
-
-class FedDistillServer(Server):
-    def __init__(self, options, ctx):
-        super().__init__(options, ctx)
-        self.logits: dict[int, torch.Tensor] = {}
-
-    def broadcast(self, round, selected):
-        if not self.logits:
-            return {}
-        labels = sorted(self.logits)
-        return self.to_all(selected, {
-            "logits": torch.stack([self.logits[c] for c in labels]),
-            "logit_labels": torch.tensor(labels, dtype=torch.int64)})
-
-    def update(self, round, uploads):
-        if uploads:
-            self.logits = average_by_class(uploads, "logits", "logit_labels", self.ctx.num_classes)
-
-    def state_dict(self):
-        return {**super().state_dict(), "logits": dict(self.logits)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.logits = dict(state["logits"])
+class FedDistillServer(ClassVectorServer):
+    key, labels_key = "logits", "logit_labels"
 
 
 ALGORITHM = dict(name="feddistill", server=FedDistillServer, client=FedDistillClient,

@@ -49,9 +49,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baselines._common import ClassAccumulator, class_mean_outputs
+from baselines._common import ClassVectorClient, ClassVectorServer
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, average_by_class
 
 
 @dataclass
@@ -73,26 +72,18 @@ def proto_distance_scores(features: torch.Tensor, protos: torch.Tensor,
     return (-d).masked_fill(~mask.unsqueeze(0), float("-inf"))
 
 
-class FedProtoClient(Client):
+class FedProtoClient(ClassVectorClient):
     uploads = ("protos", "proto_labels", "proto_counts")
+    key, labels_key = "protos", "proto_labels"
 
-    def __init__(self, cid, arch, data, options, ctx):
-        super().__init__(cid, arch, data, options, ctx)
-        self.global_protos: torch.Tensor | None = None  # K×D, rows valid where mask
-        self.global_mask = torch.zeros(ctx.num_classes, dtype=torch.bool, device=self.device)
-        self._acc: ClassAccumulator | None = None
-        self._local = None  # (labels, means, counts) of the last training
+    def vector_dim(self) -> int:
+        return self.ctx.feature_dim
 
-    # -------------------------------------------------------------- exchange
-    def receive(self, payload) -> None:
-        if "protos" not in payload:
-            return
-        labels = payload["proto_labels"].to(self.device)
-        protos = torch.zeros(self.ctx.num_classes, self.ctx.feature_dim, device=self.device)
-        protos[labels] = payload["protos"].to(self.device, torch.float32)
-        mask = torch.zeros(self.ctx.num_classes, dtype=torch.bool, device=self.device)
-        mask[labels] = True
-        self.global_protos, self.global_mask = protos, mask
+    def local_outputs(self, x):
+        return self.model.base(x)
+
+    def source(self) -> str:
+        return self.options.proto_source
 
     def upload(self):
         labels, means, counts = self._local
@@ -104,87 +95,41 @@ class FedProtoClient(Client):
     # -------------------------------------------------------------- training
     def proto_term(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ over samples with a global prototype of ‖f − P_y‖², divided by batch·D."""
-        if self.global_protos is None:
+        if self.global_vectors is None:
             return features.new_zeros(())
         has = self.global_mask[y]
         if not bool(has.any()):
             return features.new_zeros(())
-        diff = features[has] - self.global_protos[y[has]]
+        diff = features[has] - self.global_vectors[y[has]]
         return diff.pow(2).sum() / features.numel()
+
+    def objective(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model.head(f), y) + self.options.lam * self.proto_term(f, y)
 
     def training_loss(self, x, y):
         f = self.model.base(x)
-        if self._acc is not None:
-            self._acc.add(f, y)
-        return F.cross_entropy(self.model.head(f), y) + self.options.lam * self.proto_term(f, y)
-
-    def train(self) -> float:
-        during = self.options.proto_source == "during"
-        self._acc = ClassAccumulator(self.ctx.num_classes) if during else None
-        loss = super().train()
-        if self._acc is not None:
-            labels, means, _ = self._acc.result()
-            self._acc = None
-        else:
-            labels, means, _ = class_mean_outputs(self.model, self.model.base, self.data.x_train,
-                                                  self.data.y_train, self.ctx.num_classes)
-        # weights are the class's training-sample counts (not multiplied by epochs)
-        counts = torch.bincount(self.data.y_train.cpu(), minlength=self.ctx.num_classes)[labels]
-        self._local = (labels, means, counts)
-        return loss
+        self.record(f, y)
+        return self.objective(f, y)
 
     # -------------------------------------------------------------- inference
     def scores(self, x):
         f = self.model.base(x)
-        if self.global_protos is None:
+        if self.global_vectors is None:
             return self.model.head(f)
-        return proto_distance_scores(f, self.global_protos, self.global_mask)
+        return proto_distance_scores(f, self.global_vectors, self.global_mask)
 
     def extra_scores(self, x):
         return {"head": self.model(x)}
 
     def eval_loss(self, x, y):
-        f = self.model.base(x)
-        return F.cross_entropy(self.model.head(f), y) + self.options.lam * self.proto_term(f, y)
-
-    # -------------------------------------------------------------- state
-    def state_dict(self):
-        return {**super().state_dict(), "global_protos": self.global_protos,
-                "global_mask": self.global_mask.clone(), "local": self._local}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.global_protos = state["global_protos"]
-        self.global_mask = state["global_mask"].clone()
-        self._local = state["local"]
+        return self.objective(self.model.base(x), y)
 
 
-class FedProtoServer(Server):
-    def __init__(self, options, ctx):
-        super().__init__(options, ctx)
-        self.protos: dict[int, torch.Tensor] = {}
+class FedProtoServer(ClassVectorServer):
+    key, labels_key = "protos", "proto_labels"
 
-    def broadcast(self, round, selected):
-        if not self.protos:
-            return {}
-        labels = sorted(self.protos)
-        return self.to_all(selected, {
-            "protos": torch.stack([self.protos[c] for c in labels]),
-            "proto_labels": torch.tensor(labels, dtype=torch.int64)})
-
-    def update(self, round, uploads):
-        if not uploads:
-            return  # nobody uploaded (all dropped): keep the previous prototypes
-        weights_key = "proto_counts" if self.options.weighting == "samples" else None
-        self.protos = average_by_class(uploads, "protos", "proto_labels", self.ctx.num_classes,
-                                       weights_key=weights_key)
-
-    def state_dict(self):
-        return {**super().state_dict(), "protos": dict(self.protos)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.protos = dict(state["protos"])
+    def weights_key(self):
+        return "proto_counts" if self.options.weighting == "samples" else None
 
 
 ALGORITHM = dict(name="fedproto", server=FedProtoServer, client=FedProtoClient,

@@ -34,10 +34,10 @@ def test_server_averages_per_class_over_holders(setup):
     server = FedDistillServer(FedDistillOptions(), s.ctx)
     assert server.broadcast(1, [0]) == {}
     server.update(1, ups)
-    assert sorted(server.logits) == [1, 4, 7]
-    assert torch.allclose(server.logits[1], a[0])
-    assert torch.allclose(server.logits[4], (a[1] + b[0] + c[0]) / 3)  # uniform over holders
-    assert torch.allclose(server.logits[7], c[1])
+    assert sorted(server.vectors) == [1, 4, 7]
+    assert torch.allclose(server.vectors[1], a[0])
+    assert torch.allclose(server.vectors[4], (a[1] + b[0] + c[0]) / 3)  # uniform over holders
+    assert torch.allclose(server.vectors[7], c[1])
     down = server.broadcast(2, [0, 3])[3]
     assert down["logit_labels"].tolist() == [1, 4, 7]
     assert down["logits"].shape == (3, 10)

@@ -41,10 +41,10 @@ def test_server_means_per_class_over_holders_only(setup):
     server = FedProtoServer(FedProtoOptions(), s.ctx)
     assert server.broadcast(1, [0, 1]) == {}  # nothing before the first uploads
     server.update(1, ups)
-    assert sorted(server.protos) == [0, 2, 3]  # class 1: nobody holds it, no prototype
-    assert torch.allclose(server.protos[0], a[0])
-    assert torch.allclose(server.protos[2], (a[1] + b[0]) / 2)  # uniform over the 2 holders
-    assert torch.allclose(server.protos[3], b[1])
+    assert sorted(server.vectors) == [0, 2, 3]  # class 1: nobody holds it, no prototype
+    assert torch.allclose(server.vectors[0], a[0])
+    assert torch.allclose(server.vectors[2], (a[1] + b[0]) / 2)  # uniform over the 2 holders
+    assert torch.allclose(server.vectors[3], b[1])
     down = server.broadcast(2, [1])[1]
     assert down["proto_labels"].tolist() == [0, 2, 3]
     assert down["proto_labels"].dtype == torch.int64
@@ -52,8 +52,8 @@ def test_server_means_per_class_over_holders_only(setup):
 
     weighted = FedProtoServer(FedProtoOptions(weighting="samples"), s.ctx)
     weighted.update(1, ups)
-    assert torch.allclose(weighted.protos[2], (1 * a[1] + 3 * b[0]) / 4)
-    assert torch.allclose(weighted.protos[0], a[0])
+    assert torch.allclose(weighted.vectors[2], (1 * a[1] + 3 * b[0]) / 4)
+    assert torch.allclose(weighted.vectors[0], a[0])
 
 
 def test_local_prototypes_and_uploads(setup):
