@@ -34,6 +34,17 @@ test: setup data
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# The FedKTL table of docs/fedktl.md and benchmarks/RESULTS.md: runs the suite
+# (skipping finished cells) and writes the tables and figures.
+BENCH := benchmarks/results/fedktl-ablations
+bench: setup data
+	$(BIN)/htfl bench benchmarks/suites/fedktl-ablations.toml --out benchmarks/results --jobs 2
+	$(BIN)/htfl compare $(BENCH) --table pivot -o benchmarks/fedktl-ablations.md \
+	  --plot benchmarks/fedktl-curves.png --plot-upload benchmarks/fedktl-acc-vs-upload.png
+	$(BIN)/htfl compare $(BENCH) -o benchmarks/fedktl-ablations-summary.md
+	$(BIN)/htfl compare $(BENCH) --table traffic -o benchmarks/fedktl-traffic.md
+	$(BIN)/htfl compare $(BENCH) --table time -o benchmarks/fedktl-time.md
+
 lint: setup
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests
 
