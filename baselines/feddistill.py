@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from baselines._common import ClassVectorClient, ClassVectorServer
 from htfl_plugins.config import opt
+from htfl_plugins.engine import class_vectors_spec
 
 
 @dataclass
@@ -75,8 +76,10 @@ def distill_term(out: torch.Tensor, targets: torch.Tensor, has: torch.Tensor, ta
 
 
 class FedDistillClient(ClassVectorClient):
-    uploads = ("logits", "logit_labels")
     key, labels_key = "logits", "logit_labels"
+
+    def upload_spec(self):
+        return class_vectors_spec(self, "logits", "logit_labels", self.ctx.num_classes)
 
     def vector_dim(self) -> int:
         return self.ctx.num_classes

@@ -50,7 +50,7 @@ from torch.func import functional_call
 
 from baselines._common import check_shared_head, head_payload, load_head
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, derive_seed, weighted_average
+from htfl_plugins.engine import Client, Server, derive_seed, module_spec, weighted_average
 
 
 @dataclass
@@ -108,7 +108,9 @@ def gen_batch(options, cfg) -> int:
 
 
 class FedGenClient(Client):
-    uploads = ("head.*", "label_counts")
+    def upload_spec(self):
+        return {**module_spec(self.model.head, "head."),
+                "label_counts": ((self.ctx.num_classes,), torch.int64)}
 
     def __init__(self, cid, arch, data, options, ctx):
         super().__init__(cid, arch, data, options, ctx)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from baselines._common import class_mean_outputs, head_payload, head_shapes, load_head
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server
+from htfl_plugins.engine import Client, Server, class_vectors_spec
 from htfl_plugins.errors import HtflError
 
 
@@ -53,7 +53,8 @@ def client_prototypes(client: Client) -> dict[str, torch.Tensor]:
 
 
 class FedGHClient(Client):
-    uploads = ("protos", "labels")
+    def upload_spec(self):
+        return class_vectors_spec(self, "protos", "labels", self.ctx.feature_dim)
 
     def receive(self, payload):
         if "head.weight" in payload:

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from baselines._common import check_model_name, seeded_module
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server
+from htfl_plugins.engine import Client, Server, module_spec
 from htfl_plugins.errors import HtflError
 
 PREFIX = "mentee."
@@ -154,7 +154,13 @@ def kl_to(logits, target_logits):
 
 
 class FedKDClient(Client):
-    uploads = (PREFIX + "*",)
+    def upload_spec(self):
+        """Each mentee matrix dense (its own shape) or as SVD factors of any rank."""
+        spec = module_spec(self.mentee, PREFIX)
+        for name in list(spec):
+            if len(spec[name][0]) >= 2:
+                spec.update({f"{name}.{f}": (None, torch.float32) for f in "USV"})
+        return spec
 
     def __init__(self, cid, arch, data, options, ctx):
         super().__init__(cid, arch, data, options, ctx)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from baselines._common import ClassVectorClient, ClassVectorServer
 from htfl_plugins.config import opt
+from htfl_plugins.engine import class_vectors_spec
 
 
 @dataclass
@@ -73,8 +74,13 @@ def proto_distance_scores(features: torch.Tensor, protos: torch.Tensor,
 
 
 class FedProtoClient(ClassVectorClient):
-    uploads = ("protos", "proto_labels", "proto_counts")
     key, labels_key = "protos", "proto_labels"
+
+    def upload_spec(self):
+        spec = class_vectors_spec(self, "protos", "proto_labels", self.ctx.feature_dim)
+        if self.options.weighting == "samples":
+            spec["proto_counts"] = ((self.num_local_classes(),), torch.int64)
+        return spec
 
     def vector_dim(self) -> int:
         return self.ctx.feature_dim

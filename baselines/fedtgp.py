@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from baselines._common import class_mean_outputs, seeded_module
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, average_by_class
+from htfl_plugins.engine import Client, Server, average_by_class, class_vectors_spec
 
 
 @dataclass
@@ -88,7 +88,8 @@ def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class FedTGPClient(Client):
-    uploads = ("protos", "labels")
+    def upload_spec(self):
+        return class_vectors_spec(self, "protos", "labels", self.ctx.feature_dim)
 
     def __init__(self, cid, arch, data, options, ctx):
         super().__init__(cid, arch, data, options, ctx)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from baselines._common import check_model_name, load_params, params_payload
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server
+from htfl_plugins.engine import Client, Server, module_spec
 
 PREFIX = "meme."
 
@@ -74,7 +74,8 @@ def kl_to(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
 
 
 class FMLClient(Client):
-    uploads = (PREFIX + "*",)
+    def upload_spec(self):
+        return module_spec(self.meme, PREFIX)
 
     def __init__(self, cid, arch, data, options, ctx):
         super().__init__(cid, arch, data, options, ctx)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from baselines._common import check_shared_head, head_payload, load_head
-from htfl_plugins.engine import Client, Server, weighted_average
+from htfl_plugins.engine import Client, Server, module_spec, weighted_average
 
 
 @dataclass
@@ -33,7 +33,8 @@ class LGFedAvgOptions:
 
 
 class LGFedAvgClient(Client):
-    uploads = ("head.*", "num_samples")
+    def upload_spec(self):
+        return {**module_spec(self.model.head, "head."), "num_samples": ((), torch.int64)}
 
     def receive(self, payload) -> None:
         load_head(self.model, payload)

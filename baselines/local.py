@@ -11,7 +11,7 @@ class LocalOptions:
 
 
 class LocalClient(Client):
-    uploads = ()
+    pass
 
 
 class LocalServer(Server):

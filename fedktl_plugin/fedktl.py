@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fedktl_plugin.etf import arcface_loss, cosine_logits, simplex_etf
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server
+from htfl_plugins.engine import Client, Server, class_vectors_spec
 from htfl_plugins.engine.base import derive_seed
 from htfl_plugins.errors import HtflError
 
@@ -111,7 +111,6 @@ class FeatureTransformer(nn.Module):
 
 
 class FedKTLClient(Client):
-    uploads = ("protos", "labels")
 
     def __init__(self, cid, arch, data, options: FedKTLOptions, ctx):
         super().__init__(cid, arch, data, options, ctx)
@@ -141,6 +140,9 @@ class FedKTLClient(Client):
         labels = torch.unique(y)
         protos = torch.stack([F.normalize(outs[y == c].mean(0), dim=0) for c in labels])
         return {"protos": protos.float().cpu(), "labels": labels.long().cpu()}
+
+    def upload_spec(self):
+        return class_vectors_spec(self, "protos", "labels", self.ctx.num_classes)
 
     def _ordered_batches(self):
         b = 256

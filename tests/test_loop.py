@@ -25,8 +25,10 @@ class ToyOptions:
 
 
 class ToyClient(Client):
-    uploads = ("vec", "count")
     batches_done = 0
+
+    def upload_spec(self):
+        return {"vec": ((self.options.size,), torch.float32), "count": ((1,), torch.int64)}
 
     def train(self):
         if self.options.bad == "nan":
@@ -45,6 +47,10 @@ class ToyClient(Client):
     def upload(self):
         if self.options.bad == "undeclared":
             return {"vec": torch.zeros(self.options.size), "raw_images": self.data.x_train[:4]}
+        if self.options.bad == "smuggle":  # raw pixels under a declared name
+            return {"vec": self.data.x_train[:4].flatten()}
+        if self.options.bad == "dtype":
+            return {"vec": torch.zeros(self.options.size, dtype=torch.float64)}
         if self.options.bad == "inf":
             return {"vec": torch.full((self.options.size,), float("inf"))}
         return {"vec": torch.zeros(self.options.size), "count": torch.tensor([self.batches_done])}
@@ -154,6 +160,8 @@ def test_top_cnt_stops_early(digits_config):
 
 @pytest.mark.parametrize("bad, message", [
     ("undeclared", "undeclared tensor 'raw_images'"),
+    ("smuggle", r"upload 'vec' as float32 \(256,\); it declares float32 \(7,\)"),
+    ("dtype", r"upload 'vec' as float64 \(7,\); it declares float32 \(7,\)"),
     ("inf", "round 1: 4 of 4 clients failed.*upload 'vec' holds NaN or Inf"),
     ("nan", "round 1: 4 of 4 clients failed.*client 0 .*non-finite training loss"),
 ])

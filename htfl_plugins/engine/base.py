@@ -1,8 +1,8 @@
 """What an algorithm implements: a Client and a Server. The loop does the rest.
 
 Payloads are flat mappings ``{name: tensor}``. Everything a client sends or
-receives goes through the loop, which counts it; a client may upload only the
-names its class declares in ``uploads`` (shell-style patterns).
+receives goes through the loop, which counts it; a client may upload only what
+its ``upload_spec()`` declares (name, shape and dtype), and nothing else.
 """
 
 from __future__ import annotations
@@ -71,9 +71,6 @@ class Client:
     the scores gives the probabilities for AUC).
     """
 
-    #: names (fnmatch patterns) this client may upload; anything else is refused.
-    uploads: tuple[str, ...] = ()
-
     def __init__(self, cid: int, arch: str, data: ClientData, options, ctx: RunContext):
         self.cid = cid
         self.arch = arch
@@ -135,6 +132,16 @@ class Client:
         """What this client sends after training."""
         return {}
 
+    def upload_spec(self) -> dict[str, tuple]:
+        """Everything this client may upload: ``{name: (shape, dtype)}`` as functions of
+        its own data and model. A name may be a shell-style pattern and a shape may be
+        None (any shape). The loop refuses any other name, shape or dtype."""
+        return {}
+
+    def num_local_classes(self) -> int:
+        """|C_i|: the classes present in this client's training data."""
+        return len(self.data.labels())
+
     # -------------------------------------------------------------- inference
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -192,6 +199,17 @@ class Server:
 
 
 # ------------------------------------------------------------------ shared helpers
+def module_spec(module: nn.Module, prefix: str) -> dict[str, tuple]:
+    """Upload spec of every parameter of ``module`` sent as ``prefix + name``."""
+    return {prefix + n: (tuple(p.shape), p.dtype) for n, p in module.named_parameters()}
+
+
+def class_vectors_spec(client, key: str, labels_key: str, width: int) -> dict[str, tuple]:
+    """Upload spec of one ``width``-vector per local class plus the int64 labels."""
+    c = client.num_local_classes()
+    return {key: ((c, width), torch.float32), labels_key: ((c,), torch.int64)}
+
+
 def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     w = torch.tensor(weights, dtype=torch.float64)
     w = (w / w.sum()).to(tensors[0].dtype)

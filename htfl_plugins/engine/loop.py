@@ -188,18 +188,24 @@ def payload_size(payload: Payload) -> tuple[int, int]:
 
 
 def check_upload(algo_name: str, client, payload) -> None:
-    """Refuse anything a client's class does not declare (non-finite values are the
+    """Refuse anything the client's ``upload_spec()`` does not declare: an unknown
+    name, or a declared name with another shape or dtype (non-finite values are the
     executor's business: they make a client failure)."""
+    where = f"algorithm {algo_name!r}: client {client.cid}"
     if not isinstance(payload, dict):
-        raise HtflError(f"algorithm {algo_name!r}: client {client.cid} uploaded a "
-                        f"{type(payload).__name__}, not a mapping of named tensors")
+        raise HtflError(f"{where} uploaded a {type(payload).__name__}, not a mapping of named tensors")
+    spec = client.upload_spec()
     for name, t in payload.items():
         if not isinstance(t, torch.Tensor):
-            raise HtflError(f"algorithm {algo_name!r}: upload {name!r} of client {client.cid} is "
-                            f"a {type(t).__name__}, not a tensor")
-        if not any(fnmatch.fnmatchcase(name, pat) for pat in type(client).uploads):
-            raise HtflError(f"algorithm {algo_name!r}: client {client.cid} tried to upload "
-                            f"undeclared tensor {name!r}; it declares {list(type(client).uploads)}")
+            raise HtflError(f"{where}: upload {name!r} is a {type(t).__name__}, not a tensor")
+        declared = spec.get(name) or next((v for pat, v in spec.items() if fnmatch.fnmatchcase(name, pat)), None)
+        if declared is None:
+            raise HtflError(f"{where} tried to upload undeclared tensor {name!r}; it declares {sorted(spec)}")
+        shape, dtype = declared
+        if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+            want = f"{str(dtype).replace('torch.', '')} {tuple(shape) if shape is not None else '(any shape)'}"
+            raise HtflError(f"{where} tried to upload {name!r} as {str(t.dtype).replace('torch.', '')} "
+                            f"{tuple(t.shape)}; it declares {want}")
 
 
 # ------------------------------------------------------------------ selection
