@@ -94,3 +94,27 @@ def test_plugin_subcommand_and_plugin_kinds_are_listed(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "hello htfl"
     listed = htfl("list", "generators")
     assert listed.returncode == 0 and "dcgan-face" in listed.stdout and "[fedktl]" in listed.stdout
+
+
+def test_a_client_that_always_raises_finishes_without_traceback(tmp_path):
+    code = ("from htfl_plugins import hookimpl\n"
+            "from baselines.local import LocalClient, LocalServer, LocalOptions\n"
+            "class Flaky(LocalClient):\n"
+            "    def train(self):\n"
+            "        if self.cid == 2:\n"
+            "            raise RuntimeError('sensor unplugged')\n"
+            "        return super().train()\n"
+            "@hookimpl\n"
+            "def register_algorithms(register):\n"
+            "    register('flaky', server=LocalServer, client=Flaky, options=LocalOptions, summary='x')\n")
+    site = make_distribution(tmp_path / "site", "flaky", "flaky_plugin", code, {"flaky": "flaky_plugin"})
+    out = tmp_path / "out"
+    done = htfl("run", "--algo", "flaky", "--dataset", "digits", "--clients", 4, "--rounds", 3, "--out", out,
+                "--name", "f", "-q", env_extra={"PYTHONPATH": str(site)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert done.stderr.count("client 2 (MLP) failed and is left out of this round: RuntimeError: sensor "
+                             "unplugged") == 3
+    from htfl_plugins.results import read_run
+
+    r = read_run(out / "f.h5")
+    assert r["attrs"]["status"] == "finished" and list(r["failed_clients"]) == [0, 1, 1, 1]
