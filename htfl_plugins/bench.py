@@ -14,9 +14,13 @@ tag = "FedKTL"
 algo = "fedktl"
 options = { mu = 50.0 }
 seeds = [0]                  # optional: this run's own seeds
+[[exclude]]                  # optional: skip cells whose settings match all these keys
+algo = "lg_fedavg"
+models = "HtM-img-10"
 ```
 
-A re-run skips cells whose file is finished and redoes any other.
+A re-run skips cells whose file is finished and redoes any other; a cell that
+fails is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _slug(text: str) -> str:
 
 def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, list[Cell]]:
     data = config_mod.load_toml(path)
-    unknown = set(data) - {"name", "seeds", "settings", "scenarios", "runs", "description"}
+    unknown = set(data) - {"name", "seeds", "settings", "scenarios", "runs", "description", "exclude"}
     if unknown:
         raise HtflError(f"{path}: unknown suite key(s) {', '.join(sorted(unknown))}")
     name = data.get("name") or Path(path).stem
@@ -60,6 +64,7 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
     runs = data.get("runs")
     if not runs:
         raise HtflError(f"{path}: a suite needs at least one [[runs]] entry")
+    excludes = data.get("exclude", [])
     folder = Path(out or "results") / name
     cells = []
     for sc in scenarios:
@@ -70,6 +75,8 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                 values["options"] = {**settings.get("options", {}), **sc.get("options", {}),
                                      **rn.get("options", {})}
                 values.setdefault("tag", rn.get("algo", ""))
+                if any(all(values.get(k) == v for k, v in ex.items()) for ex in excludes):
+                    continue
                 sc_label = "_".join(f"{k}={v}" for k, v in sc.items() if k != "options") or "default"
                 cell_name = _slug(f"{values['tag']}__{sc_label}__s{seed}")
                 values["name"] = cell_name
@@ -96,10 +103,15 @@ def cell_status(cell: Cell) -> str:
         return "unreadable"
 
 
-def _run_cell(cfg: RunConfig) -> str:
+def _run_cell(cfg: RunConfig) -> str | None:
+    """Run one cell; a user-level error is returned as text, not raised."""
     from htfl_plugins.engine import run
 
-    return str(run(cfg, quiet=True))
+    try:
+        run(cfg, quiet=True)
+    except HtflError as exc:
+        return str(exc)
+    return None
 
 
 def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
@@ -113,11 +125,18 @@ def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
 
     bar = tqdm(total=len(todo), unit="cell")
     start = time.perf_counter()
+    failed = []
+
+    def done(cell, error):
+        bar.set_description(cell.name)
+        bar.update(1)
+        if error:
+            failed.append(cell)
+            bar.write(f"cell {cell.name} failed: {error}")
+
     if jobs <= 1:
         for c in todo:
-            bar.set_description(c.name)
-            _run_cell(c.config)
-            bar.update(1)
+            done(c, _run_cell(c.config))
     else:
         import multiprocessing as mp
 
@@ -126,9 +145,11 @@ def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_run_cell, c.config): c for c in todo}
             for fut in cf.as_completed(futures):
-                fut.result()
-                bar.set_description(futures[fut].name)
-                bar.update(1)
+                done(futures[fut], fut.result())
     bar.close()
-    log(f"ran {len(todo)} cells in {time.perf_counter() - start:.0f} s")
+    log(f"ran {len(todo)} cells in {time.perf_counter() - start:.0f} s"
+        + (f"; {len(failed)} failed: {', '.join(c.name for c in failed)}" if failed else ""))
+    if failed:
+        raise HtflError(f"{len(failed)} of {len(todo)} cells failed (listed above); fix them and run "
+                        "the suite again: finished cells are kept")
     return todo

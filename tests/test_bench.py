@@ -1,0 +1,71 @@
+"""Benchmark suites: every shipped suite parses and lists its cells; a re-run
+skips finished cells and redoes the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from htfl_plugins.bench import cell_status, load_suite, run_suite
+from htfl_plugins.cli import main
+from htfl_plugins.plugins import get_plugins
+from htfl_plugins.results import read_run
+
+SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.toml"))
+EXPECTED = {"paper-table1": 8 * 9 * 3, "paper-table2": (8 * 9 - 3) * 3, "cpu-table1": 4 * 10 * 3,
+            "cpu-clients": 3 * 10 * 3, "cpu-models": 3 * 10 * 3, "cpu-ktl-single": 3 * 2 * 3,
+            "fedktl-ablations": 2 * 3 + 7, "baselines-fmnist": 10 * 3}
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.stem)
+def test_shipped_suites_parse_and_dry_run(suite, tmp_path, capsys):
+    name, cells = load_suite(str(suite), str(tmp_path), get_plugins())
+    assert name == suite.stem and len(cells) == EXPECTED[name]
+    assert len({c.name for c in cells}) == len(cells)
+    assert main(["bench", str(suite), "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(cells)} cells" in out and "missing" in out
+
+
+def test_paper_table2_excludes_vit_heads_for_head_sharing_methods(tmp_path):
+    _, cells = load_suite(str(SUITES[[s.stem for s in SUITES].index("paper-table2")]), str(tmp_path))
+    pairs = {(c.config.algo, c.config.models) for c in cells}
+    assert ("lg_fedavg", "HtM-img-10") not in pairs and ("fml", "HtM-img-10") in pairs
+
+
+def test_rerun_skips_finished_and_redoes_unfinished(tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text('seeds = [0, 1]\n[settings]\ndataset = "digits"\nclients = 3\nrounds = 1\n'
+                     '[[runs]]\nalgo = "local"\n[[runs]]\ntag = "KTL"\nalgo = "fedktl"\n'
+                     'options = { server_epochs = 2, save_images = 0 }\n')
+    _, cells = load_suite(str(suite), str(tmp_path / "out"))
+    assert len(run_suite(cells, log=lambda *_: None)) == 4
+    assert all(cell_status(c) == "finished" for c in cells)
+    # a cell killed halfway: its file says "running"; another cell lost its file
+    from htfl_plugins.results.store import RunRecord
+
+    half = cells[1]
+    r = read_run(half.path)
+    rec = RunRecord(half.path, r["config"], 3)
+    rec.rows = {k: list(r[k][:1]) for k in r if k not in ("attrs", "config", "extra")}
+    rec.write("running")
+    cells[2].path.unlink()
+    before = {c.name: c.path.stat().st_mtime_ns for c in (cells[0], cells[3])}
+    redone = run_suite(cells, log=lambda *_: None)
+    assert {c.name for c in redone} == {cells[1].name, cells[2].name}
+    assert {c.name: c.path.stat().st_mtime_ns for c in (cells[0], cells[3])} == before
+    assert all(cell_status(c) == "finished" for c in cells)
+
+
+def test_a_failing_cell_does_not_stop_the_others(tmp_path):
+    suite = tmp_path / "mixed.toml"
+    suite.write_text('[settings]\ndataset = "digits"\nclients = 3\nrounds = 1\n'
+                     '[[runs]]\nalgo = "lg_fedavg"\nmodels = "FedAvgCNN,ViT-B/32"\n'
+                     '[[runs]]\nalgo = "local"\n')
+    _, cells = load_suite(str(suite), str(tmp_path / "out"))
+    from htfl_plugins.errors import HtflError
+
+    with pytest.raises(HtflError, match="1 of 2 cells failed"):
+        run_suite(cells, log=lambda *_: None)
+    assert cell_status(cells[1]) == "finished" and cell_status(cells[0]) == "missing"
