@@ -98,46 +98,68 @@ class _DCGANBody(nn.Module):
         return self.main(z[:, :, None, None])
 
 
-# ------------------------------------------------------------------ DCGAN faces (default)
-class DCGANFace(Generator):
-    """The DCGAN of ``gan_face_generate==1.1.1`` (MIT licence), trained on DigiFace-1M
-    synthetic faces (research use): 64×64 RGB, z ∈ R^100 ~ N(0, I)."""
+# ------------------------------------------------------------------ DCGANs shipped in PyPI packages
+class PackagedDCGAN(Generator):
+    """A DCGAN generator whose weights ship inside a PyPI package: the file is found
+    through the installed package (never imported), its sha256 checked, and loaded
+    with ``weights_only=True`` into this module's own copy of the architecture."""
 
-    name = "dcgan-face"
-    latent_dim = 100
-    image_size = 64
-    PIP = "gan_face_generate==1.1.1"
-    SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f"
+    PACKAGE: str
+    FILE: str
+    PIP: str
+    SHA256: str
+    WIDTHS: list[int]
+    DROPOUT = 0.0
 
     @classmethod
     def weights(cls, path: str = "") -> Path:
-        return package_file("gan_face_generate", "weights.tar", cls.PIP, "" if path else cls.SHA256, path)
+        return package_file(cls.PACKAGE, cls.FILE, cls.PIP, "" if path else cls.SHA256, path)
 
     @classmethod
     def check(cls, path: str) -> None:
         cls.weights(path)
 
+    @staticmethod
+    def state_of(checkpoint):
+        """The generator's state dict inside the loaded checkpoint."""
+        return checkpoint
+
     def __init__(self, path: str, device, options=None):
         super().__init__(path, device, options)
         file = self.weights(path)
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True)["netG_state_dict"]
+            state = self.state_of(torch.load(file, map_location="cpu", weights_only=True))
+            self.net = _DCGANBody(self.WIDTHS, self.DROPOUT)
+            self.net.load_state_dict(state)
         except Exception as exc:
             raise HtflError(f"cannot read generator weights {file}: {exc}") from None
-        self.net = _DCGANBody([100, 512, 256, 128, 64, 3])
-        self.net.load_state_dict(state)
         self.net.eval().requires_grad_(False).to(device)
-
-    def sample_prior(self, n, generator):
-        return torch.randn(n, self.latent_dim, generator=generator).to(self.device)
 
     @torch.no_grad()
     def synthesize(self, latents):
         return ((self.net(latents.to(self.device)) + 1) / 2).clamp(0, 1)
 
 
-# ------------------------------------------------------------------ conditional DCGAN eyes
-class OmniArtEyes(Generator):
+class DCGANFace(PackagedDCGAN):
+    """The DCGAN of ``gan_face_generate==1.1.1`` (MIT licence), trained on DigiFace-1M
+    synthetic faces (research use): 64×64 RGB, z ∈ R^100 ~ N(0, I)."""
+
+    name = "dcgan-face"
+    latent_dim = 100
+    image_size = 64
+    PACKAGE, FILE, PIP = "gan_face_generate", "weights.tar", "gan_face_generate==1.1.1"
+    SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f"
+    WIDTHS = [100, 512, 256, 128, 64, 3]
+
+    @staticmethod
+    def state_of(checkpoint):
+        return checkpoint["netG_state_dict"]
+
+    def sample_prior(self, n, generator):
+        return torch.randn(n, self.latent_dim, generator=generator).to(self.device)
+
+
+class OmniArtEyes(PackagedDCGAN):
     """The class-conditional DCGAN of ``omniart-eye-generator==0.1`` (MIT licence),
     trained on the OmniArt eye dataset: 128×128 RGB, 8 eye colours. Its latent is
     the generator's input [z ∈ R^100 ; label ∈ R^8]; the prior draws z ~ N(0, I)
@@ -148,37 +170,15 @@ class OmniArtEyes(Generator):
     name = "omniart-eyes"
     latent_dim = 108
     image_size = 128
-    PIP = "omniart-eye-generator==0.1"
+    PACKAGE, FILE, PIP = "omniart_eye_generator", "generator_model_state.pth", "omniart-eye-generator==0.1"
     SHA256 = "dd486abbd738bfe3d28ddd46987bec11e3842ddcc8c28ccc5251b52c6ecf4da0"
-
-    @classmethod
-    def weights(cls, path: str = "") -> Path:
-        return package_file("omniart_eye_generator", "generator_model_state.pth", cls.PIP,
-                            "" if path else cls.SHA256, path)
-
-    @classmethod
-    def check(cls, path: str) -> None:
-        cls.weights(path)
-
-    def __init__(self, path: str, device, options=None):
-        super().__init__(path, device, options)
-        file = self.weights(path)
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise HtflError(f"cannot read generator weights {file}: {exc}") from None
-        self.net = _DCGANBody([108, 1024, 512, 256, 128, 64, 3], dropout=0.2)
-        self.net.load_state_dict(state)
-        self.net.eval().requires_grad_(False).to(device)
+    WIDTHS = [108, 1024, 512, 256, 128, 64, 3]
+    DROPOUT = 0.2
 
     def sample_prior(self, n, generator):
         z = torch.randn(n, 100, generator=generator)
         labels = torch.randint(0, 8, (n,), generator=generator)
         return torch.cat([z, nn.functional.one_hot(labels, 8).float()], 1).to(self.device)
-
-    @torch.no_grad()
-    def synthesize(self, latents):
-        return ((self.net(latents.to(self.device)) + 1) / 2).clamp(0, 1)
 
 
 # ------------------------------------------------------------------ StyleGAN2/3/XL pickles
