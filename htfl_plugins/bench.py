@@ -92,6 +92,18 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
     return name, cells
 
 
+def estimated_steps(cfg: RunConfig, plugins) -> int | None:
+    """Local SGD steps of a whole cell (all clients, all rounds): a cost estimate
+    from the source's size, the split, the join ratio and the batch size."""
+    if cfg.dataset.startswith("pfl:"):
+        return None
+    n = plugins.registry("datasets").get(cfg.dataset).meta.get("num_samples")
+    if not n:
+        return None
+    per_round = n * cfg.train_ratio * cfg.join_ratio * cfg.local_epochs / cfg.batch_size
+    return int(per_round * cfg.rounds)
+
+
 def cell_status(cell: Cell) -> str:
     from htfl_plugins.results.store import read_run
 

@@ -14,12 +14,14 @@ from htfl_plugins.models.zoo import GROUPS, MODELS
 
 NUM_CLASSES = {"digits": 10, "fmnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100,
                "tinyimagenet": 200, "flowers102": 102}
+NUM_SAMPLES = {"digits": 1797, "fmnist": 70000, "mnist": 70000, "cifar10": 60000, "cifar100": 60000,
+               "tinyimagenet": 110000, "flowers102": 8189}
 
 
 @hookimpl
 def register_datasets(register):
     for name, (loader, summary) in SOURCES.items():
-        register(name, loader, summary=summary, num_classes=NUM_CLASSES[name])
+        register(name, loader, summary=summary, num_classes=NUM_CLASSES[name], num_samples=NUM_SAMPLES[name])
 
 
 @hookimpl

@@ -158,15 +158,21 @@ def cmd_compare(args) -> int:
 
 # ------------------------------------------------------------------ bench
 def cmd_bench(args) -> int:
-    from htfl_plugins.bench import cell_status, load_suite, run_suite
+    from htfl_plugins.bench import cell_status, estimated_steps, load_suite, run_suite
 
-    name, cells = load_suite(args.suite, args.out, get_plugins())
+    plugins = get_plugins()
+    name, cells = load_suite(args.suite, args.out, plugins)
     if args.dry_run:
+        total = 0
         for c in cells:
             cfg = c.config
+            steps = estimated_steps(cfg, plugins)
+            total += steps or 0
+            cost = f"~{steps / 1e3:,.0f}k local steps" if steps else "cost unknown"
             print(f"{c.name:<60} {cell_status(c):<10} {cfg.algo} {cfg.dataset} {cfg.models} "
-                  f"{cfg.clients} clients, {cfg.rounds} rounds")
-        print(f"{len(cells)} cells; results in {cells[0].config.out}")
+                  f"{cfg.clients} clients, {cfg.rounds} rounds, {cost}")
+        print(f"{len(cells)} cells, ~{total / 1e6:,.1f}M local SGD steps of batch size "
+              f"{cells[0].config.batch_size} (at most: early stops cut it); results in {cells[0].config.out}")
         return 0
     run_suite(cells, jobs=args.jobs)
     print(cells[0].config.out)

@@ -25,7 +25,7 @@ def test_shipped_suites_parse_and_dry_run(suite, tmp_path, capsys):
     assert len({c.name for c in cells}) == len(cells)
     assert main(["bench", str(suite), "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"{len(cells)} cells" in out and "missing" in out
+    assert f"{len(cells)} cells, ~" in out and "missing" in out and "local steps" in out
 
 
 def test_paper_table2_excludes_vit_heads_for_head_sharing_methods(tmp_path):
