@@ -3,9 +3,16 @@ by the library itself.
 
 Setting: a Cifar-100-shaped scenario (100 classes, 3×32×32, 600 samples per class,
 20 clients, Dirichlet α = 0.1 with PFLlib's minimum-size rule and a 75/25 split),
-HtFE-img-8, join ratio 1. Traffic depends on the label sets and the models, not on
-pixel values, so the pixels are random and each client keeps one training sample
-per class it holds (its label set is unchanged).
+join ratio 1. Traffic depends on the label sets and the models, not on pixel
+values, so the pixels are random and each client keeps one training sample per
+class it holds (its label set is unchanged).
+
+Which models: traffic depends on the head (Linear(512, K) in every CNN group)
+and on the group's first architecture (FML's meme and FedKD's mentee), which is
+FedAvgCNN in both HtFE-img-8 and HtFE-cpu-3. The default is HtFE-cpu-3: with
+HtFE-img-8, the untrained ResNet-101/152 clients in eval mode overflow on random
+pixels after one sample per class, so prototype methods lose those clients'
+uploads (the `failed` column counts them).
 
     python benchmarks/comm_table.py [--out FILE.md] [--algos a,b,...]
 
@@ -72,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the table to this markdown file")
     ap.add_argument("--algos", default=",".join([*PAPER, "fedtgp"]))
-    ap.add_argument("--models", default="HtFE-img-8")
+    ap.add_argument("--models", default="HtFE-cpu-3")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="htfl-comm-"))
     held = write_scenario(tmp / "cifar100-shape")
@@ -84,15 +91,15 @@ def main() -> None:
                                     name=algo, options=OPTIONS.get(algo, {})), "settings")
         r = read_run(run(cfg, quiet=True))
         up, down = r["upload_elements"][2] / 1e6, r["download_elements"][2] / 1e6
-        rows.append((algo, up, down, *PAPER.get(algo, (float("nan"), float("nan")))))
+        rows.append((algo, up, down, int(r["failed_clients"][2]), *PAPER.get(algo, (float("nan"), float("nan")))))
         print(f"{algo}: {up:.3f}M up, {down:.3f}M down ({time.perf_counter() - t:.0f} s)", flush=True)
     ktl_up = next((u for a, u, *_ in rows if a == "fedktl"), float("nan"))
     lines = [f"Label sets: Σ|C_i| = {sum(held)} over {CLIENTS} clients (K = {K}, D = 512); "
              f"models {args.models}.", "",
-             "| algorithm | upload (M) | download (M) | upload / FedKTL's | paper upload | paper download |",
-             "|---|---|---|---|---|---|"]
-    for algo, up, down, pu, pd in rows:
-        lines.append(f"| {algo} | {up:.3f} | {down:.3f} | {up / ktl_up:.2f} | {pu:.2f} | {pd:.2f} |")
+             "| algorithm | upload (M) | download (M) | upload / FedKTL's | failed | paper upload | paper download |",
+             "|---|---|---|---|---|---|---|"]
+    for algo, up, down, failed, pu, pd in rows:
+        lines.append(f"| {algo} | {up:.3f} | {down:.3f} | {up / ktl_up:.2f} | {failed} | {pu:.2f} | {pd:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -226,3 +226,18 @@ def test_process_executor_gives_the_sequential_curves(digits_config, algo):
                                      join_ratio=0.75, executor="process", workers=2), quiet=True))
     for key in ["test_acc", "test_auc", "train_loss", "client_test_acc", "upload_bytes", "download_bytes"]:
         assert np.array_equal(seq[key], par[key]), key
+
+
+def test_non_finite_scores_count_as_wrong_without_crashing(digits_config, monkeypatch, caplog):
+    from htfl_plugins.engine.loop import evaluate, prepare
+    from htfl_plugins.plugins import get_plugins
+
+    setup = prepare(digits_config(), get_plugins())
+    clients, _ = setup.parties()
+    good = evaluate(clients)
+    original = type(clients[0]).scores
+    monkeypatch.setattr(type(clients[0]), "scores",
+                        lambda self, x: torch.full((len(x), 10), float("nan")) if self.cid == 1 else original(self, x))
+    m = evaluate(clients)
+    assert m["client_test_acc"][1] == 0.0 and m["client_test_acc"][0] == good["client_test_acc"][0]
+    assert np.isfinite(m["test_auc"]) and "client 1 (SmallCNN) gave non-finite scores" in caplog.text

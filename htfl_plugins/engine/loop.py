@@ -156,7 +156,12 @@ def evaluate(clients) -> dict:
                 x = cl.data.x_test[start:start + EVAL_BATCH].to(cl.device)
                 y = cl.data.y_test[start:start + EVAL_BATCH].to(cl.device)
                 s = cl.scores(x)
-                hits += int((s.argmax(1) == y).sum())
+                bad = ~torch.isfinite(s).all(1)
+                if bool(bad.any()):  # a diverged model: wrong, with uniform probabilities
+                    log.warning("client %d (%s) gave non-finite scores for %d test samples; they count "
+                                "as wrong", cl.cid, cl.arch, int(bad.sum()))
+                    s = s.masked_fill(bad[:, None], 0.0)
+                hits += int(((s.argmax(1) == y) & ~bad).sum())
                 for name, alt in cl.extra_scores(x).items():
                     extra[name] = extra.get(name, 0) + int((alt.argmax(1) == y).sum())
                 probs.append(F.softmax(s.double(), 1).cpu())
