@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="draw accuracy curves (mean ± std over seeds) to this image file")
     p.add_argument("--plot-upload", help="draw best accuracy against upload per round to this image file")
     p.add_argument("--by", help="summary table: comma-separated columns to group by "
-                   "(default tag,algo,options,dataset,partition,clients,models)")
+                   "(default method,dataset,partition,clients,models; method is the tag, else the "
+                   "algorithm)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark suite (TOML grid), skipping finished cells")
     p.add_argument("suite", help="suite file, e.g. benchmarks/suites/fedktl-ablations.toml")

@@ -7,7 +7,6 @@ import pandas as pd
 
 from htfl_plugins.results.load import summarize
 
-RUN_KEYS = ["tag", "algo", "options"]
 SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models"]
 
 
@@ -18,13 +17,6 @@ def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
     if len(v) == 1:
         return f"{v.iloc[0]:.{digits}f}"
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
-
-
-def _drop_constant_blank(table: pd.DataFrame, cols=("tag", "options")) -> pd.DataFrame:
-    for col in cols:
-        if col in table and (table[col].fillna("") == "").all():
-            table = table.drop(columns=col)
-    return table
 
 
 def with_method(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,10 +36,10 @@ def _scenario_label(key, names) -> str:
 
 
 def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """One row per group (default: run and scenario): mean ± std over seeds of best and
-    last accuracy (%), bytes up/down and seconds per training round."""
-    runs = summarize(df)
-    by = by or RUN_KEYS + ["dataset", "partition", "clients", "models"]
+    """One row per group (default: method and scenario): mean ± std over seeds of best
+    and last accuracy (%), bytes up/down and seconds per training round."""
+    runs = with_method(summarize(df))
+    by = by or ["method", "dataset", "partition", "clients", "models"]
     out = []
     for key, g in runs.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -56,7 +48,7 @@ def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame
                     "upload_bytes/round": g["upload_bytes"].mean(),
                     "download_bytes/round": g["download_bytes"].mean(),
                     "s/round": g["round_seconds"].mean()})
-    return _drop_constant_blank(pd.DataFrame(out))
+    return pd.DataFrame(out)
 
 
 def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
