@@ -54,6 +54,9 @@ class FedKTLOptions:
     latents: str = opt("aligned", "'aligned' (FedKTL) or 'prior': random latents from the "
                        "generator's prior instead of aligned ones (ablation)",
                        choices=["aligned", "prior"])
+    centroid_stats: str = opt("eval", "BatchNorm statistics of F when the centroids are set: 'eval' "
+                              "(running statistics, the authors' code) or 'batch' (statistics of all "
+                              "uploaded prototypes, the ones MMD aligned)", choices=["eval", "batch"])
     save_images: int = opt(1, "save the generated images as a PNG grid every N rounds (0: never)",
                            min=0)
 
@@ -108,6 +111,12 @@ class FeatureTransformer(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+    def forward_batch_stats(self, x):
+        """F(x) normalised by the statistics of x itself, leaving the running ones alone."""
+        lin, bn, act, out = self.net
+        z = F.batch_norm(lin(x), None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        return out(act(z))
 
 
 class FedKTLClient(Client):
@@ -264,9 +273,13 @@ class FedKTLServer(Server):
     # -------------------------------------------------------------- domain alignment
     @torch.no_grad()
     def _set_centroids(self, protos, labels):
-        """Centroid of each uploaded class = the mean over clients of F(P) (eval mode)."""
+        """Centroid of each uploaded class = the mean over clients of F(P), with F's
+        BatchNorm in eval mode or on the statistics of all uploaded prototypes."""
         self.transformer.eval()
-        q = self.transformer(protos)
+        if self.options.centroid_stats == "batch" and len(protos) > 1:
+            q = self.transformer.forward_batch_stats(protos)
+        else:
+            q = self.transformer(protos)
         for c in torch.unique(labels):
             self.centroids.weight[c] = q[labels == c].mean(0)
 

@@ -308,3 +308,25 @@ def test_options_are_typed_and_checked():
     with pytest.raises(HtflError, match="--proj must be one of keep, reset"):
         build(FedKTLOptions, {"proj": "sometimes"}, "option(s)")
     assert build(RunConfig, {"algo": "fedktl"}, "s").dataset == "fmnist"
+
+
+def test_batch_stat_centroids_use_the_statistics_mmd_aligned(digits_config):
+    from fedktl_plugin.fedktl import FeatureTransformer
+
+    f = FeatureTransformer(10, 6)
+    p = torch.randn(8, 10)
+    bn = f.net[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    f.eval()
+    batch = f.forward_batch_stats(p)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    f.train()
+    assert torch.allclose(batch, f(p), atol=1e-6)  # = train-mode output
+    s, clients, server = _setup(digits_config, centroid_stats="batch")
+    uploads = _round(server, clients, 1)
+    protos = torch.cat([u["protos"] for u in uploads.values()])
+    labels = torch.cat([u["labels"] for u in uploads.values()])
+    with torch.no_grad():
+        q = server.transformer.forward_batch_stats(protos)
+    for c in torch.unique(labels):
+        assert torch.allclose(server.centroids.weight[c], q[labels == c].mean(0), atol=1e-5)
