@@ -12,8 +12,8 @@ import pandas as pd
 from htfl_plugins.errors import HtflError
 from htfl_plugins.results.store import SCALARS, read_run
 
-META = ["tag", "algo", "dataset", "partition", "alpha", "clients", "join_ratio", "models", "rounds",
-        "local_epochs", "batch_size", "lr", "seed"]
+META = ["tag", "algo", "dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot",
+        "rounds", "local_epochs", "batch_size", "lr", "seed"]
 
 
 def _expand(paths) -> list[Path]:

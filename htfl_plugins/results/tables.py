@@ -7,7 +7,7 @@ import pandas as pd
 
 from htfl_plugins.results.load import summarize
 
-SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models"]
+SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot"]
 
 
 def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
@@ -31,7 +31,7 @@ def with_method(df: pd.DataFrame) -> pd.DataFrame:
 
 def _scenario_label(key, names) -> str:
     key = key if isinstance(key, tuple) else (key,)
-    parts = [f"{n}={v}" if n in ("alpha", "clients", "join_ratio") else str(v) for n, v in zip(names, key)]
+    parts = [f"{n}={v}" if n in ("alpha", "clients", "join_ratio", "few_shot") else str(v) for n, v in zip(names, key)]
     return " ".join(parts) or "default"
 
 
