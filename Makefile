@@ -34,16 +34,20 @@ test: setup data
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests benchmarks
 	$(BIN)/python -m pytest -q
 
-# The FedKTL table of docs/fedktl.md and benchmarks/RESULTS.md: runs the suite
-# (skipping finished cells) and writes the tables and figures.
-BENCH := benchmarks/results/fedktl-ablations
+# benchmarks/RESULTS.md: runs the suites (skipping finished cells) and writes the
+# tables and figures it shows into benchmarks/tables/.
+R := benchmarks/results
+T := benchmarks/tables
 bench: setup data
-	$(BIN)/htfl bench benchmarks/suites/fedktl-ablations.toml --out benchmarks/results --jobs 2
-	$(BIN)/htfl compare $(BENCH) --table pivot -o benchmarks/fedktl-ablations.md \
-	  --plot benchmarks/fedktl-curves.png --plot-upload benchmarks/fedktl-acc-vs-upload.png
-	$(BIN)/htfl compare $(BENCH) -o benchmarks/fedktl-ablations-summary.md
-	$(BIN)/htfl compare $(BENCH) --table traffic -o benchmarks/fedktl-traffic.md
-	$(BIN)/htfl compare $(BENCH) --table time -o benchmarks/fedktl-time.md
+	$(BIN)/htfl bench benchmarks/suites/fedktl-ablations.toml --out $(R) --jobs 2
+	$(BIN)/htfl bench benchmarks/suites/fedktl-centroids.toml --out $(R) --jobs 2
+	$(BIN)/htfl bench benchmarks/suites/cpu-ktl-single.toml --out $(R) --jobs 2
+	mkdir -p $(T)
+	$(BIN)/htfl compare $(R)/fedktl-ablations $(R)/fedktl-centroids -o $(T)/fedktl-fmnist.md \
+	  --plot $(T)/fedktl-fmnist-curves.png --plot-upload $(T)/fedktl-fmnist-acc-vs-upload.png
+	$(BIN)/htfl compare $(R)/fedktl-ablations $(R)/fedktl-centroids --table traffic -o $(T)/fedktl-fmnist-traffic.md
+	$(BIN)/htfl compare $(R)/fedktl-ablations $(R)/fedktl-centroids --table time -o $(T)/fedktl-fmnist-time.md
+	$(BIN)/htfl compare $(R)/cpu-ktl-single --table pivot -o $(T)/ktl-single.md
 
 lint: setup
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests
