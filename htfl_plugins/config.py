@@ -83,17 +83,9 @@ class RunConfig:
     cache_dir: str = opt("", "scenario cache folder (default: $HTFL_HOME or ~/.cache/htfl)")
     options: dict = opt({}, "algorithm options (TOML table [options]; flags on the CLI)")
 
-    def validate(self) -> RunConfig:
-        check_ranges(self)
-        if self.partition in ("pat", "exdir") and self.classes_per_client < 0:
-            raise HtflError("--classes-per-client must be positive")
-        return self
-
 
 def _base_type(tp):
-    """The flag type of a field annotation (``int``, ``float``, ``str``, ``bool``)."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing}, {})  # annotations are simple builtins here
+    """The flag type of a resolved field annotation (``int``, ``float``, ``str``, ``bool``)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -50,7 +50,6 @@ class RunInfo:
     quiet: bool = False
     best_acc: float = float("nan")
     best_round: int = -1
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ set-up
@@ -116,7 +115,6 @@ class Setup:
 def prepare(cfg: RunConfig, plugins) -> Setup:
     """Validate everything and load the data; nothing is written but the scenario cache."""
     config_mod.check_ranges(cfg)
-    cfg.validate()
     algo = plugins.algorithm(cfg.algo)
     options = config_mod.build(algo.options, dict(cfg.options), f"option(s) for {cfg.algo}")
     if not cfg.dataset.startswith("pfl:"):
