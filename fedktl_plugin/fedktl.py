@@ -54,9 +54,9 @@ class FedKTLOptions:
     latents: str = opt("aligned", "'aligned' (FedKTL) or 'prior': random latents from the "
                        "generator's prior instead of aligned ones (ablation)",
                        choices=["aligned", "prior"])
-    centroid_stats: str = opt("eval", "BatchNorm statistics of F when the centroids are set: 'eval' "
-                              "(running statistics, the authors' code) or 'batch' (statistics of all "
-                              "uploaded prototypes, the ones MMD aligned)", choices=["eval", "batch"])
+    centroid_stats: str = opt("batch", "BatchNorm statistics of F when the centroids are set: 'batch' "
+                              "(statistics of all uploaded prototypes, the ones MMD aligned) or 'eval' "
+                              "(running statistics, the authors' code)", choices=["batch", "eval"])
     save_images: int = opt(1, "save the generated images as a PNG grid every N rounds (0: never)",
                            min=0)
 

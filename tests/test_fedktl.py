@@ -207,7 +207,7 @@ def _round(server, clients, r):
 
 
 def test_server_aligns_persistently_and_sends_every_class(digits_config):
-    s, clients, server = _setup(digits_config)
+    s, clients, server = _setup(digits_config, centroid_stats="eval")
     f_obj, c_obj = server.transformer, server.centroids
     uploads = _round(server, clients, 1)
     # prototypes: one unit vector of K entries per local class
