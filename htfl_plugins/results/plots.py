@@ -30,10 +30,14 @@ def plot_curves(df: pd.DataFrame, path, title: str = "") -> Path:
     """Accuracy against round, mean over seeds with a ±std band, one line per method."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    low = 100.0
     for method, g in with_method(df.dropna(subset=["test_acc"])).groupby("method", sort=False):
         stats = g.groupby("round")["test_acc"].agg(["mean", "std"]).fillna(0.0) * 100
         ax.plot(stats.index, stats["mean"], label=method)
         ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+        later = stats[stats.index > 0]
+        low = min(low, float((later["mean"] - later["std"]).min()) if len(later) else 0.0)
+    ax.set_ylim(bottom=max(0.0, low - 1.0))  # round 0 (untrained) would flatten the curves
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
