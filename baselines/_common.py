@@ -230,3 +230,22 @@ class ClassVectorServer(Server):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.vectors = dict(state["vectors"])
+
+
+# ------------------------------------------- one shared model's parameters (LG-FedAvg, FML, FedKD)
+class ParamsServer(Server):
+    """Keeps the shared parameters as ``self.params`` (payload name → tensor), sends
+    them to the selected clients and checkpoints them; a subclass sets them in
+    ``__init__`` and says in ``update`` how the uploads are averaged."""
+
+    params: dict[str, torch.Tensor]
+
+    def broadcast(self, round, selected):
+        return self.to_all(selected, self.params)
+
+    def state_dict(self):
+        return {**super().state_dict(), "params": {k: v.clone() for k, v in self.params.items()}}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.params = {k: v.clone() for k, v in state["params"].items()}

@@ -63,9 +63,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines._common import check_model_name, seeded_module
+from baselines._common import ParamsServer, check_model_name, seeded_module
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, module_spec
+from htfl_plugins.engine import Client, module_spec
 from htfl_plugins.errors import HtflError
 
 PREFIX = "mentee."
@@ -243,7 +243,7 @@ class FedKDClient(Client):
         self.energy = float(state["energy"])
 
 
-class FedKDServer(Server):
+class FedKDServer(ParamsServer):
     @classmethod
     def check(cls, options, ctx):
         check_model_name("fedkd", "mentee_model", mentee_arch(options, ctx), ctx)
@@ -268,13 +268,6 @@ class FedKDServer(Server):
         shapes = {n: p.shape for n, p in self.params.items()}
         models = [decompress(up, shapes) for up in uploads.values()]
         self.params = {n: torch.stack([m[n] for m in models]).mean(0) for n in shapes}
-
-    def state_dict(self):
-        return {**super().state_dict(), "params": dict(self.params)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.params = dict(state["params"])
 
 
 ALGORITHM = dict(name="fedkd", server=FedKDServer, client=FedKDClient, options=FedKDOptions,

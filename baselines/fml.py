@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baselines._common import check_model_name, load_params, params_payload
+from baselines._common import ParamsServer, check_model_name, load_params, params_payload
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, module_spec
+from htfl_plugins.engine import Client, module_spec
 
 PREFIX = "meme."
 
@@ -131,7 +131,7 @@ class FMLClient(Client):
         self.meme_optimizer.load_state_dict(state["meme_optimizer"])
 
 
-class FMLServer(Server):
+class FMLServer(ParamsServer):
     @classmethod
     def check(cls, options, ctx):
         check_model_name("fml", "meme_model", meme_arch(options, ctx), ctx)
@@ -140,21 +140,11 @@ class FMLServer(Server):
         super().__init__(options, ctx)
         self.params = params_payload(build_meme(options, ctx), PREFIX)
 
-    def broadcast(self, round, selected):
-        return self.to_all(selected, self.params)
-
     def update(self, round, uploads):
         if not uploads:
             return
         ups = list(uploads.values())
         self.params = {k: torch.stack([up[k].float() for up in ups]).mean(0) for k in self.params}
-
-    def state_dict(self):
-        return {**super().state_dict(), "params": dict(self.params)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.params = dict(state["params"])
 
 
 ALGORITHM = dict(name="fml", server=FMLServer, client=FMLClient, options=FMLOptions,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from baselines._common import check_shared_head, head_payload, load_head
-from htfl_plugins.engine import Client, Server, module_spec, weighted_average
+from baselines._common import ParamsServer, check_shared_head, head_payload, load_head
+from htfl_plugins.engine import Client, module_spec, weighted_average
 
 
 @dataclass
@@ -44,33 +44,23 @@ class LGFedAvgClient(Client):
                 "num_samples": torch.tensor(self.data.n_train, dtype=torch.int64)}
 
 
-class LGFedAvgServer(Server):
+class LGFedAvgServer(ParamsServer):
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
         # client 0's initial head: same seed key (its architecture) as client 0's model
-        self.head = head_payload(ctx.build_model(ctx.archs[0]))
+        self.params = head_payload(ctx.build_model(ctx.archs[0]))
 
     @classmethod
     def check(cls, options, ctx) -> None:
         check_shared_head("lg_fedavg", ctx)
-
-    def broadcast(self, round, selected):
-        return self.to_all(selected, self.head)
 
     def update(self, round, uploads):
         if not uploads:
             return
         ups = list(uploads.values())
         weights = [float(u["num_samples"]) for u in ups]
-        self.head = {k: weighted_average([u[k].to(self.device) for u in ups], weights)
-                     for k in self.head}
-
-    def state_dict(self):
-        return {**super().state_dict(), "head": {k: v.clone() for k, v in self.head.items()}}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.head = {k: v.clone() for k, v in state["head"].items()}
+        self.params = {k: weighted_average([u[k].to(self.device) for u in ups], weights)
+                       for k in self.params}
 
 
 ALGORITHM = dict(name="lg_fedavg", server=LGFedAvgServer, client=LGFedAvgClient,

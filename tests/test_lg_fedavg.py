@@ -39,15 +39,15 @@ def test_heads_are_the_weighted_average_and_equal_across_clients(digits_config):
     for key in ("head.weight", "head.bias"):
         stack = torch.stack([uploads[c][key].double() for c in range(len(clients))])
         expected = (stack * (n / n.sum()).view(-1, *[1] * (stack.dim() - 1))).sum(0)
-        assert torch.allclose(server.head[key].double(), expected, atol=1e-6)
+        assert torch.allclose(server.params[key].double(), expected, atol=1e-6)
         uniform = stack.mean(0)
-        assert not torch.allclose(server.head[key].double(), uniform, atol=1e-6)
+        assert not torch.allclose(server.params[key].double(), uniform, atol=1e-6)
     # after the next download every client's head equals the global head
     downloads = server.broadcast(2, list(range(len(clients))))
     for cid, c in enumerate(clients):
         c.receive(downloads[cid])
-        assert torch.equal(head_of(c)["weight"], server.head["head.weight"])
-        assert torch.equal(head_of(c)["bias"], server.head["head.bias"])
+        assert torch.equal(head_of(c)["weight"], server.params["head.weight"])
+        assert torch.equal(head_of(c)["bias"], server.params["head.bias"])
     # the bases stayed private: trained (changed) and never overwritten by receive
     for c, before in zip(clients, bases_before):
         after = dict(c.model.base.named_parameters())
@@ -59,7 +59,7 @@ def test_state_dict_roundtrip(digits_config):
     one_round(clients, server, 1)
     other = s.algo.server(s.options, s.ctx)
     other.load_state_dict(server.state_dict())
-    assert all(torch.equal(other.head[k], server.head[k]) for k in server.head)
+    assert all(torch.equal(other.params[k], server.params[k]) for k in server.params)
 
 
 def test_refuses_vit_beside_cnn(digits_config):
