@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from htfl_plugins.engine import Client, Server, average_by_class
+from htfl_plugins.engine import Client, Server, average_by_class, weighted_average
 from htfl_plugins.errors import HtflError
 
 
@@ -242,6 +242,10 @@ class ParamsServer(Server):
 
     def broadcast(self, round, selected):
         return self.to_all(selected, self.params)
+
+    def weighted_mean(self, uploads: list, weights: list[float]) -> dict[str, torch.Tensor]:
+        """Each shared tensor averaged over the uploads with these weights."""
+        return {k: weighted_average([u[k].to(self.device) for u in uploads], weights) for k in self.params}
 
     def state_dict(self):
         return {**super().state_dict(), "params": {k: v.clone() for k, v in self.params.items()}}

@@ -48,9 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from baselines._common import check_shared_head, head_payload, load_head
+from baselines._common import ParamsServer, check_shared_head, head_payload, load_head
 from htfl_plugins.config import opt
-from htfl_plugins.engine import Client, Server, derive_seed, module_spec, weighted_average
+from htfl_plugins.engine import Client, derive_seed, module_spec
 
 
 @dataclass
@@ -150,11 +150,13 @@ class FedGenClient(Client):
         self.pooled_counts = state["pooled_counts"]
 
 
-class FedGenServer(Server):
+class FedGenServer(ParamsServer):
+    """The shared head is ``self.params``; the generator and its optimizer persist."""
+
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
         template = ctx.build_model(ctx.archs[0])
-        self.head = head_payload(template)  # client 0's initial head
+        self.params = head_payload(template)  # client 0's initial head
         self.head_module = template.head    # for calling uploaded heads functionally
         self.generator = make_generator(options, ctx)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=options.generator_lr)
@@ -166,7 +168,7 @@ class FedGenServer(Server):
         check_shared_head("fedgen", ctx)
 
     def broadcast(self, round, selected):
-        payload = dict(self.head)
+        payload = dict(self.params)
         if self.pooled_counts is not None:
             payload.update({"generator." + n: p.detach().clone()
                             for n, p in self.generator.named_parameters()})
@@ -178,14 +180,13 @@ class FedGenServer(Server):
             return
         ups = list(uploads.values())
         weights = [float(u["label_counts"].sum()) for u in ups]
-        self.head = {k: weighted_average([u[k].to(self.device) for u in ups], weights)
-                     for k in self.head}
+        self.params = self.weighted_mean(ups, weights)
         self.pooled_counts = sum(u["label_counts"].cpu() for u in ups).to(torch.int64)
         self.train_generator(ups, weights)
 
     def train_generator(self, ups, weights) -> None:
         total = sum(weights)
-        heads = [({n[len("head."):]: u[n].to(self.device) for n in self.head}, w / total)
+        heads = [({n[len("head."):]: u[n].to(self.device) for n in self.params}, w / total)
                  for u, w in zip(ups, weights)]
         self.generator.train()
         n = gen_batch(self.options, self.cfg)
@@ -202,13 +203,11 @@ class FedGenServer(Server):
             self.last_loss = float(loss.detach())
 
     def state_dict(self):
-        return {**super().state_dict(), "head": {k: v.clone() for k, v in self.head.items()},
-                "generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "pooled_counts": self.pooled_counts}
+        return {**super().state_dict(), "generator": self.generator.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "pooled_counts": self.pooled_counts}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.head = {k: v.clone() for k, v in state["head"].items()}
         self.generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pooled_counts = state["pooled_counts"]

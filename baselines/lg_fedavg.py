@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from baselines._common import ParamsServer, check_shared_head, head_payload, load_head
-from htfl_plugins.engine import Client, module_spec, weighted_average
+from htfl_plugins.engine import Client, module_spec
 
 
 @dataclass
@@ -58,9 +58,7 @@ class LGFedAvgServer(ParamsServer):
         if not uploads:
             return
         ups = list(uploads.values())
-        weights = [float(u["num_samples"]) for u in ups]
-        self.params = {k: weighted_average([u[k].to(self.device) for u in ups], weights)
-                       for k in self.params}
+        self.params = self.weighted_mean(ups, [float(u["num_samples"]) for u in ups])
 
 
 ALGORITHM = dict(name="lg_fedavg", server=LGFedAvgServer, client=LGFedAvgClient,

@@ -61,7 +61,7 @@ def test_generator_is_trained_persists_and_reaches_clients(digits_config):
     # heads: sample-weighted average
     n = torch.tensor([float(c.data.n_train) for c in clients], dtype=torch.float64)
     stack = torch.stack([uploads[i]["head.weight"].double() for i in range(len(clients))])
-    assert torch.allclose(server.head["head.weight"].double(),
+    assert torch.allclose(server.params["head.weight"].double(),
                           (stack * (n / n.sum()).view(-1, 1, 1)).sum(0), atol=1e-6)
 
     downloads, _ = one_round(clients, server, 2)
