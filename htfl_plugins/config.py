@@ -73,10 +73,16 @@ class RunConfig:
     seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
-    executor: str = opt("sequential", "who runs the clients' local work: sequential (this process) or "
-                        "process (a pool of --workers processes, one torch thread each)",
-                        choices=["sequential", "process"])
-    workers: int = opt(2, "worker processes of --executor process", min=1)
+    executor: str = opt("sequential", "who runs the clients' training and evaluation: sequential (this "
+                        "process), process (a pool of --workers processes, one torch thread each) or "
+                        "ray (--workers Ray actors, one CPU each; needs htfl[ray])",
+                        choices=["sequential", "process", "ray"])
+    workers: int = opt(2, "worker processes or Ray actors of --executor process/ray", min=1)
+    ray_address: str = opt("", "Ray cluster to join with --executor ray (e.g. ray://head:10001 or "
+                           "auto; empty: start a local Ray instance)")
+    client_state: str = opt("memory", "where clients live between rounds: memory (all live) or disk "
+                            "(state files beside the result; only the clients at work are live)",
+                            choices=["memory", "disk"])
     out: str = opt("results", "folder for the HDF5 result file")
     name: str = opt("", "result file name without .h5 (default: derived from the settings)")
     tag: str = opt("", "free-form label stored with the results (tables group by it)")

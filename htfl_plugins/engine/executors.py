@@ -1,23 +1,34 @@
-"""Executors run the selected clients' local work: receive → train → upload.
+"""Executors run the clients' work: a round's local updates (receive → train →
+upload) and the evaluation of every client.
 
 A local update that raises, or whose loss or upload is not finite, is a client
 failure: the client's state is put back as it was before the round and the
 failure is reported to the loop, which drops the client from the round.
 
 Every local update starts from torch's global RNG seeded by (run seed, round,
-client), so where it runs (this process or a worker) does not change a number.
+client), so where it runs (this process, a worker process, a Ray actor on
+another machine) does not change a number. Workers rebuild the run's set-up
+from its config and receive each client's explicit state with its task.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from htfl_plugins.engine.base import derive_seed
+from htfl_plugins.engine.clients import ClientStore
+from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import HtflError
+
+EVAL_BATCH = 512
 
 
 @dataclass
@@ -25,8 +36,17 @@ class Failure:
     reason: str
 
 
+@dataclass
+class Update:
+    """A successful local update: mean loss, the upload and the client's upload spec."""
+
+    loss: float
+    upload: dict
+    spec: dict
+
+
 def local_update(client, payload, budget: int | None, round: int):
-    """One client's round: returns (loss, upload) or a Failure (state restored)."""
+    """One client's round: an Update, or a Failure (state restored)."""
     snapshot = copy.deepcopy(client.state_dict())
     client.batch_budget = budget
     torch.manual_seed(derive_seed(client.cfg.seed, "local", round, client.cid))
@@ -41,7 +61,7 @@ def local_update(client, payload, budget: int | None, round: int):
             for name, t in upload.items():
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise FloatingPointError(f"upload {name!r} holds NaN or Inf values")
-        return loss, upload
+        return Update(loss, upload, client.upload_spec())
     except HtflError:
         raise
     except Exception as exc:  # a client's fault, not the run's
@@ -51,68 +71,210 @@ def local_update(client, payload, budget: int | None, round: int):
         client.batch_budget = None
 
 
+def client_eval(cl) -> dict:
+    """One client on its own test split (hits, AUC, per-way hits) and its
+    training loss; the loop combines these over clients."""
+    import logging
+
+    cl.model.eval()
+    extra: dict[str, int] = {}
+    with torch.inference_mode():
+        probs, hits, bad_total = [], 0, 0
+        for start in range(0, cl.data.n_test, EVAL_BATCH):
+            x = cl.data.x_test[start:start + EVAL_BATCH].to(cl.device)
+            y = cl.data.y_test[start:start + EVAL_BATCH].to(cl.device)
+            s = cl.scores(x)
+            bad = ~torch.isfinite(s).all(1)
+            if bool(bad.any()):  # a diverged model: wrong, with uniform probabilities
+                bad_total += int(bad.sum())
+                s = s.masked_fill(bad[:, None], 0.0)
+            hits += int(((s.argmax(1) == y) & ~bad).sum())
+            for name, alt in cl.extra_scores(x).items():
+                extra[name] = extra.get(name, 0) + int((alt.argmax(1) == y).sum())
+            probs.append(F.softmax(s.double(), 1).cpu())
+        if bad_total:
+            logging.getLogger("htfl").warning(
+                "client %d (%s) gave non-finite scores for %d test samples; they count as wrong",
+                cl.cid, cl.arch, bad_total)
+        probs = torch.cat(probs).numpy()
+        onehot = np.eye(cl.ctx.num_classes)[cl.data.y_test.numpy()]
+        auc = roc_auc_score(onehot, probs, average="micro")
+        loss = 0.0
+        for start in range(0, cl.data.n_train, EVAL_BATCH):
+            x = cl.data.x_train[start:start + EVAL_BATCH].to(cl.device)
+            y = cl.data.y_train[start:start + EVAL_BATCH].to(cl.device)
+            loss += float(cl.eval_loss(x, y)) * len(y)
+    return {"hits": hits, "n_test": cl.data.n_test, "auc": auc, "loss": loss,
+            "n_train": cl.data.n_train, "extra": extra}
+
+
 class SequentialExecutor:
     """Clients one after another in this process."""
 
     def train(self, clients, selected, downloads, budgets=None, round: int = 0) -> dict:
-        budgets = budgets or {}
-        return {cid: local_update(clients[cid], downloads.get(cid), budgets.get(cid), round) for cid in selected}
+        store, budgets = ClientStore.of(clients), budgets or {}
+        return {cid: local_update(store.get(cid, write=True), downloads.get(cid), budgets.get(cid), round)
+                for cid in selected}
+
+    def evaluate(self, clients, cids) -> dict:
+        store = ClientStore.of(clients)
+        return {cid: client_eval(store.get(cid)) for cid in cids}
 
     def close(self) -> None:
         pass
 
 
-# ------------------------------------------------------------------ worker processes
+# ------------------------------------------------------------------ workers
+class Worker:
+    """What a worker process or Ray actor holds: the run's set-up, rebuilt from
+    its config, and a few recently used clients (never one per client)."""
+
+    CACHE = 2
+
+    def __init__(self, cfg):
+        from htfl_plugins.engine.loop import prepare
+        from htfl_plugins.plugins import get_plugins
+
+        tune_allocator()
+        torch.set_num_threads(1)
+        self.setup = prepare(cfg, get_plugins())
+        self.clients: OrderedDict = OrderedDict()
+
+    def client(self, cid: int, state: dict):
+        client = self.clients.pop(cid, None)
+        if client is None:
+            if len(self.clients) >= self.CACHE:
+                self.clients.popitem(last=False)
+            client = self.setup.make_client(cid)
+        self.clients[cid] = client
+        client.load_state_dict(state)
+        return client
+
+    def train(self, cid, state, payload, budget, round):
+        client = self.client(cid, state)
+        result = local_update(client, payload, budget, round)
+        return result, client.state_dict()
+
+    def evaluate(self, cid, state):
+        return client_eval(self.client(cid, state))
+
+
+class _Tasks:
+    """Shared by the executors that send tasks to workers: each task carries its
+    client's state from the store and each returned state goes back to it. At
+    most ``window`` tasks are in flight, so disk-kept clients are never all in
+    memory at once."""
+
+    window = 4
+
+    def map(self, method: str, tasks):
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(self.submit(method, task))
+            if len(pending) >= self.window:
+                yield self.result(pending.popleft())
+        while pending:
+            yield self.result(pending.popleft())
+
+    def train(self, clients, selected, downloads, budgets=None, round: int = 0) -> dict:
+        store, budgets = ClientStore.of(clients), budgets or {}
+        tasks = ((cid, store.state(cid), downloads.get(cid), budgets.get(cid), round) for cid in selected)
+        out = {}
+        for cid, (result, state) in zip(selected, self.map("train", tasks)):
+            store.set_state(cid, state)
+            out[cid] = result
+        return out
+
+    def evaluate(self, clients, cids) -> dict:
+        store = ClientStore.of(clients)
+        cids = list(cids)
+        return dict(zip(cids, self.map("evaluate", ((cid, store.state(cid)) for cid in cids))))
+
+
 _WORKER: dict = {}
 
 
 def _init_worker(cfg) -> None:
-    """Each worker rebuilds the run's set-up from its config (plugins by entry
-    point, the scenario from its cache) and keeps one thread."""
-    from htfl_plugins.engine.loop import prepare
-    from htfl_plugins.plugins import get_plugins
-
-    torch.set_num_threads(1)
-    _WORKER["setup"] = prepare(cfg, get_plugins())
-    _WORKER["clients"] = {}
+    _WORKER["w"] = Worker(cfg)
 
 
-def _work(task):
-    cid, state, payload, budget, round = task
-    s = _WORKER["setup"]
-    clients = _WORKER["clients"]
-    if cid not in clients:
-        ctx = s.ctx
-        clients[cid] = s.algo.client(cid, ctx.archs[cid % len(ctx.archs)],
-                                     s.scenario.clients[cid].to(ctx.device), s.options, ctx)
-    client = clients[cid]
-    client.load_state_dict(state)
-    result = local_update(client, payload, budget, round)
-    return result, client.state_dict()
+def _call(task):
+    method, args = task
+    return getattr(_WORKER["w"], method)(*args)
 
 
-class ProcessExecutor:
+class ProcessExecutor(_Tasks):
     """Clients in a pool of worker processes on this machine (one torch thread
     each). Client state travels both ways as its explicit ``state_dict``."""
 
     def __init__(self, cfg, workers: int):
         import multiprocessing as mp
 
+        self.window = 2 * workers
         self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg,))
 
-    def train(self, clients, selected, downloads, budgets=None, round: int = 0) -> dict:
-        budgets = budgets or {}
-        tasks = [(cid, clients[cid].state_dict(), downloads.get(cid), budgets.get(cid), round)
-                 for cid in selected]
-        out = {}
-        for cid, (result, state) in zip(selected, self.pool.map(_work, tasks, chunksize=1)):
-            clients[cid].load_state_dict(state)
-            out[cid] = result
-        return out
+    def submit(self, method: str, task):
+        return self.pool.apply_async(_call, ((method, task),))
+
+    def result(self, future):
+        return future.get()
 
     def close(self) -> None:
         self.pool.close()
         self.pool.join()
+
+
+class RayExecutor(_Tasks):
+    """Clients on Ray actors (one CPU each) of a local Ray instance or of the
+    cluster at ``--ray-address``. Downloads shared by several clients are put in
+    the object store once per round."""
+
+    def __init__(self, cfg, workers: int, address: str = ""):
+        try:
+            import ray
+        except ImportError:
+            raise HtflError("--executor ray needs Ray: pip install 'htfl[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            except Exception as exc:  # a wrong address, a cluster that does not answer
+                raise HtflError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
+                                f"{exc}") from None
+        remote = ray.remote(num_cpus=1)(Worker)
+        self.actors = [remote.remote(cfg) for _ in range(workers)]
+        self.busy = [0] * workers
+        self.window = 2 * workers
+        self.shared: dict[int, tuple] = {}
+
+    def submit(self, method: str, task):
+        if method == "train" and task[2] is not None:  # one object-store copy per distinct payload
+            payload = task[2]
+            if id(payload) not in self.shared:
+                self.shared[id(payload)] = (self.ray.put(payload), payload)
+            task = (task[0], task[1], self.shared[id(payload)][0], *task[3:])
+        i = min(range(len(self.actors)), key=self.busy.__getitem__)
+        self.busy[i] += 1
+        return i, getattr(self.actors[i], method).remote(*task)
+
+    def result(self, future):
+        i, ref = future
+        try:
+            return self.ray.get(ref)
+        finally:
+            self.busy[i] -= 1
+
+    def train(self, *args, **kwargs) -> dict:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.shared.clear()  # this round's downloads leave the object store
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
 
 
 def make_executor(cfg):
@@ -120,4 +282,6 @@ def make_executor(cfg):
         return SequentialExecutor()
     if cfg.executor == "process":
         return ProcessExecutor(cfg, cfg.workers)
-    raise HtflError(f"unknown executor {cfg.executor!r} (known: sequential, process)")
+    if cfg.executor == "ray":
+        return RayExecutor(cfg, cfg.workers, cfg.ray_address)
+    raise HtflError(f"unknown executor {cfg.executor!r} (known: sequential, process, ray)")

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,20 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from htfl_plugins import config as config_mod
 from htfl_plugins.config import RunConfig
 from htfl_plugins.data import load_scenario
 from htfl_plugins.engine.base import Payload, RunContext, derive_seed
-from htfl_plugins.engine.executors import make_executor
+from htfl_plugins.engine.clients import ClientStore, state_bytes
+from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor
+from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import HtflError
 from htfl_plugins.results.store import RunRecord
 
 log = logging.getLogger("htfl")
-
-EVAL_BATCH = 512
 
 
 @dataclass
@@ -103,13 +102,25 @@ class Setup:
     ctx: RunContext
     path: Path
 
+    def arch(self, cid: int) -> str:
+        """Client i gets architecture ``archs[i % len]``."""
+        return self.ctx.archs[cid % len(self.ctx.archs)]
+
+    def make_client(self, cid: int):
+        return self.algo.client(cid, self.arch(cid), self.scenario.clients[cid].to(self.ctx.device),
+                                self.options, self.ctx)
+
     def parties(self):
-        """The run's clients (client i gets architecture ``archs[i % len]``) and server."""
-        ctx = self.ctx
-        clients = [self.algo.client(i, ctx.archs[i % len(ctx.archs)],
-                                    self.scenario.clients[i].to(ctx.device), self.options, ctx)
-                   for i in range(len(self.scenario.clients))]
-        return clients, self.algo.server(self.options, ctx)
+        """The run's clients, all live, and its server."""
+        return [self.make_client(i) for i in range(len(self.scenario.clients))], self.make_server()
+
+    def make_server(self):
+        return self.algo.server(self.options, self.ctx)
+
+    def client_store(self, folder: Path | None = None) -> ClientStore:
+        """The run's clients, live (``folder`` None) or kept on disk in ``folder``."""
+        return ClientStore(self.make_client, [self.arch(i) for i in range(len(self.scenario.clients))],
+                           folder)
 
 
 def prepare(cfg: RunConfig, plugins) -> Setup:
@@ -141,45 +152,27 @@ def prepare(cfg: RunConfig, plugins) -> Setup:
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate(clients) -> dict:
-    """Every client on its own test split; accuracy and AUC weighted by test size."""
-    correct, n_test, auc_sum, loss_sum, n_train = 0, 0, 0.0, 0.0, 0
-    per_client = []
+def combine(stats: list[dict]) -> dict:
+    """Accuracy and AUC weighted by test size, training loss by training size,
+    from each client's :func:`~htfl_plugins.engine.executors.client_eval`."""
+    n_test = sum(st["n_test"] for st in stats)
+    n_train = sum(st["n_train"] for st in stats)
     extra: dict[str, int] = {}
-    for cl in clients:
-        cl.model.eval()
-        with torch.inference_mode():
-            probs, hits = [], 0
-            for start in range(0, cl.data.n_test, EVAL_BATCH):
-                x = cl.data.x_test[start:start + EVAL_BATCH].to(cl.device)
-                y = cl.data.y_test[start:start + EVAL_BATCH].to(cl.device)
-                s = cl.scores(x)
-                bad = ~torch.isfinite(s).all(1)
-                if bool(bad.any()):  # a diverged model: wrong, with uniform probabilities
-                    log.warning("client %d (%s) gave non-finite scores for %d test samples; they count "
-                                "as wrong", cl.cid, cl.arch, int(bad.sum()))
-                    s = s.masked_fill(bad[:, None], 0.0)
-                hits += int(((s.argmax(1) == y) & ~bad).sum())
-                for name, alt in cl.extra_scores(x).items():
-                    extra[name] = extra.get(name, 0) + int((alt.argmax(1) == y).sum())
-                probs.append(F.softmax(s.double(), 1).cpu())
-            probs = torch.cat(probs).numpy()
-            onehot = np.eye(cl.ctx.num_classes)[cl.data.y_test.numpy()]
-            auc = roc_auc_score(onehot, probs, average="micro")
-            loss = 0.0
-            for start in range(0, cl.data.n_train, EVAL_BATCH):
-                x = cl.data.x_train[start:start + EVAL_BATCH].to(cl.device)
-                y = cl.data.y_train[start:start + EVAL_BATCH].to(cl.device)
-                loss += float(cl.eval_loss(x, y)) * len(y)
-        correct += hits
-        n_test += cl.data.n_test
-        auc_sum += auc * cl.data.n_test
-        loss_sum += loss
-        n_train += cl.data.n_train
-        per_client.append(hits / max(cl.data.n_test, 1))
-    return {"test_acc": correct / n_test, "test_auc": auc_sum / n_test,
-            "train_loss": loss_sum / max(n_train, 1), "client_test_acc": per_client,
+    for st in stats:
+        for k, v in st["extra"].items():
+            extra[k] = extra.get(k, 0) + v
+    return {"test_acc": sum(st["hits"] for st in stats) / n_test,
+            "test_auc": sum(st["auc"] * st["n_test"] for st in stats) / n_test,
+            "train_loss": sum(st["loss"] for st in stats) / max(n_train, 1),
+            "client_test_acc": [st["hits"] / max(st["n_test"], 1) for st in stats],
             "extra": {f"acc_{k}": v / n_test for k, v in extra.items()}}
+
+
+def evaluate(clients, executor=None) -> dict:
+    """Every client on its own test split (through ``executor``, by default in this process)."""
+    store = ClientStore.of(clients)
+    per_client = (executor or SequentialExecutor()).evaluate(store, range(len(store)))
+    return combine([per_client[cid] for cid in range(len(store))])
 
 
 # ------------------------------------------------------------------ communication
@@ -190,14 +183,13 @@ def payload_size(payload: Payload) -> tuple[int, int]:
     return elements, nbytes
 
 
-def check_upload(algo_name: str, client, payload) -> None:
-    """Refuse anything the client's ``upload_spec()`` does not declare: an unknown
-    name, or a declared name with another shape or dtype (non-finite values are the
-    executor's business: they make a client failure)."""
-    where = f"algorithm {algo_name!r}: client {client.cid}"
+def check_upload(algo_name: str, cid: int, spec: dict, payload) -> None:
+    """Refuse anything the client's ``upload_spec()`` (``spec``) does not declare: an
+    unknown name, or a declared name with another shape or dtype (non-finite values
+    are the executor's business: they make a client failure)."""
+    where = f"algorithm {algo_name!r}: client {cid}"
     if not isinstance(payload, dict):
         raise HtflError(f"{where} uploaded a {type(payload).__name__}, not a mapping of named tensors")
-    spec = client.upload_spec()
     for name, t in payload.items():
         if not isinstance(t, torch.Tensor):
             raise HtflError(f"{where}: upload {name!r} is a {type(t).__name__}, not a tensor")
@@ -243,9 +235,8 @@ def train_round(algo_name: str, server, clients, executor, r: int, selected: lis
     """One training round: broadcast → local work → checked uploads → server update.
     Clients whose local update fails are left out of the update; more than
     ``failure_tolerance`` of them stops the run. Returns (downloads, uploads, traffic)."""
-    from htfl_plugins.engine.executors import Failure
-
-    n = len(clients)
+    store = ClientStore.of(clients)
+    n = len(store)
     traffic = Traffic(np.zeros(n), np.zeros(n))
     downloads = server.broadcast(r, selected) or {}
     for cid, payload in downloads.items():
@@ -253,14 +244,14 @@ def train_round(algo_name: str, server, clients, executor, r: int, selected: lis
         traffic.down_elements += e
         traffic.down_bytes[cid] += b
     uploads = {}
-    for cid, result in executor.train(clients, selected, downloads, budgets, r).items():
+    for cid, result in executor.train(store, selected, downloads, budgets, r).items():
         if isinstance(result, Failure):
             log.warning("round %d: client %d (%s) failed and is left out of this round: %s",
-                        r, cid, clients[cid].arch, result.reason)
+                        r, cid, store.arch(cid), result.reason)
             traffic.failed.append((cid, result.reason))
             continue
-        _, payload = result
-        check_upload(algo_name, clients[cid], payload)
+        payload = result.upload
+        check_upload(algo_name, cid, result.spec, payload)
         e, b = payload_size(payload)
         traffic.up_elements += e
         traffic.up_bytes[cid] += b
@@ -269,18 +260,18 @@ def train_round(algo_name: str, server, clients, executor, r: int, selected: lis
         cid, reason = traffic.failed[0]
         raise HtflError(f"round {r}: {len(traffic.failed)} of {len(selected)} clients failed, more than "
                         f"--failure-tolerance {failure_tolerance} allows (client {cid} "
-                        f"({clients[cid].arch}): {reason}); lower --lr or check the {algo_name} options")
+                        f"({store.arch(cid)}): {reason}); lower --lr or check the {algo_name} options")
     server.update(r, uploads)
     return downloads, uploads, traffic
 
 
-def straggler_budgets(rng: np.random.Generator, clients, selected: list[int], rate: float) -> dict:
+def straggler_budgets(rng: np.random.Generator, store: ClientStore, selected: list[int], rate: float) -> dict:
     """Batch budgets of this round's stragglers: a random 10–100% of a full update."""
     k = int(len(selected) * rate)
     if k == 0:
         return {}
     chosen = sorted(rng.choice(selected, size=k, replace=False).tolist())
-    return {cid: max(1, int(rng.uniform(0.1, 1.0) * clients[cid].batches_per_round())) for cid in chosen}
+    return {cid: max(1, int(rng.uniform(0.1, 1.0) * store.get(cid).batches_per_round())) for cid in chosen}
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -288,9 +279,25 @@ def checkpoint_path(result: Path) -> Path:
     return result.with_suffix(".ckpt")
 
 
-def save_checkpoint(path: Path, r: int, clients, server, rng, record, best) -> None:
-    """The whole run state after round r, written atomically."""
-    state = {"round": r, "clients": [c.state_dict() for c in clients], "server": server.state_dict(),
+def client_snapshot(ckpt: Path) -> Path:
+    """The folder of a checkpoint's disk-kept client states."""
+    return ckpt.with_name(ckpt.name + ".clients")
+
+
+def client_folder(result: Path) -> Path:
+    """The working folder of ``--client-state disk``."""
+    return result.with_name(result.stem + ".clients")
+
+
+def save_checkpoint(path: Path, r: int, store: ClientStore, server, rng, record, best) -> None:
+    """The whole run state after round r, written atomically. Disk-kept clients
+    go to a folder beside it (linked, not loaded)."""
+    if store.on_disk:
+        store.snapshot(client_snapshot(path))
+        clients = "folder"
+    else:
+        clients = [store.state(cid) for cid in range(len(store))]
+    state = {"round": r, "clients": clients, "server": server.state_dict(),
              "loop_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
              "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
              "rows": record.rows, "best": best}
@@ -305,24 +312,10 @@ def save_checkpoint(path: Path, r: int, clients, server, rng, record, best) -> N
         raise
 
 
-def state_bytes(obj) -> int:
-    """Bytes of the tensors in a (nested) state."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
-
-
-def check_disk(folder: Path, clients, server, checkpoints: bool) -> None:
+def check_disk(folder: Path, store: ClientStore, server, checkpoints: bool) -> None:
     """Refuse to start when the result folder cannot hold a checkpoint (twice: the
     new one is written before the old one is replaced)."""
-    import shutil
-
-    need = 2 * (sum(state_bytes(c.state_dict()) for c in clients) + state_bytes(server.state_dict())) \
-        if checkpoints else 0
+    need = 2 * (store.state_bytes() + state_bytes(server.state_dict())) if checkpoints else 0
     need += 16 << 20  # the result file and slack
     free = shutil.disk_usage(folder).free
     if free < need:
@@ -348,14 +341,20 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
     from htfl_plugins.plugins import get_plugins
 
     plugins = plugins or get_plugins()
+    tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     s = prepare(cfg, plugins)
     ctx, n = s.ctx, len(s.scenario.clients)
     seed_everything(cfg.seed)
-    clients, server = s.parties()
-    check_disk(s.path.parent, clients, server, bool(cfg.checkpoint_every))
-    executor = make_executor(cfg)
+    clients = s.client_store(client_folder(s.path) if cfg.client_state == "disk" else None)
+    server = s.make_server()
+    try:
+        check_disk(s.path.parent, clients, server, bool(cfg.checkpoint_every))
+        executor = make_executor(cfg)
+    except BaseException:
+        clients.close()
+        raise
     rng = np.random.default_rng(derive_seed(cfg.seed, "loop"))
     record = RunRecord(s.path, {**config_mod.to_dict(cfg), "options": config_mod.to_dict(s.options)},
                        n, extra_attrs={"archs": ctx.archs, "num_classes": ctx.num_classes,
@@ -365,8 +364,11 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
     ckpt = checkpoint_path(s.path)
     if resume:
         state = load_checkpoint(ckpt)
-        for c, cs in zip(clients, state["clients"]):
-            c.load_state_dict(cs)
+        if state["clients"] == "folder":
+            clients.restore(client_snapshot(ckpt))
+        else:
+            for cid, cs in enumerate(state["clients"]):
+                clients.set_state(cid, cs)
         server.load_state_dict(state["server"])
         rng.bit_generator.state = state["loop_rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -391,7 +393,7 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
                                             cfg.failure_tolerance)
             t1 = time.perf_counter()
             if r % cfg.eval_gap == 0 or r == cfg.rounds:
-                m = evaluate(clients)
+                m = evaluate(clients, executor)
             else:
                 m = {"test_acc": math.nan, "test_auc": math.nan, "train_loss": math.nan,
                      "client_test_acc": [math.nan] * n, "extra": {}}
@@ -425,11 +427,13 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
         else:
             status = "finished"
         ckpt.unlink(missing_ok=True)  # a finished run has nothing to resume
+        shutil.rmtree(client_snapshot(ckpt), ignore_errors=True)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         executor.close()
+        clients.close()
         if len(record):
             record.extra_attrs.update(best_acc=info.best_acc, best_round=info.best_round)
             record.write(status)

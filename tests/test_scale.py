@@ -1,0 +1,95 @@
+"""Executors and client state: the same curves wherever clients run and live,
+and memory that does not hold every client at once."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+
+from htfl_plugins.cli import main
+from htfl_plugins.engine import run
+from htfl_plugins.engine.executors import SequentialExecutor
+from htfl_plugins.engine.loop import checkpoint_path, client_folder, client_snapshot, evaluate, prepare, train_round
+from htfl_plugins.plugins import get_plugins, load
+from htfl_plugins.results import read_run
+from tests.test_resume import FAST, StopAt, assert_same_curves
+
+
+@pytest.mark.parametrize("algo", sorted(get_plugins().registry("algorithms").names()))
+def test_disk_client_state_gives_the_memory_curves(digits_config, algo):
+    settings = dict(algo=algo, rounds=3, join_ratio=0.75, threads=1, options=FAST.get(algo, {}))
+    memory = read_run(run(digits_config(name="memory", **settings), quiet=True))
+    cfg = digits_config(name="disk", client_state="disk", **settings)
+    path = run(cfg, quiet=True)
+    assert_same_curves(memory, read_run(path))
+    assert not client_folder(path).exists()  # the working folder goes with the run
+
+
+def test_disk_client_state_keeps_two_clients_live(digits_config, tmp_path):
+    s = prepare(digits_config(clients=8), get_plugins())
+    alive = weakref.WeakSet()
+
+    def make(cid, _make=s.make_client):
+        client = _make(cid)
+        alive.add(client)
+        return client
+
+    s.make_client = make
+    store = s.client_store(tmp_path / "clients")
+    server = s.make_server()
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == sorted(f"{i}.pt" for i in range(8))
+    before = (tmp_path / "clients" / "3.pt").stat().st_mtime_ns
+    for r in (1, 2):
+        train_round("local", server, store, SequentialExecutor(), r, [1, 3, 4, 6])
+        m = evaluate(store)
+        gc.collect()
+        assert store.live_clients() <= 2 and len(alive) <= 2
+    assert 0 < m["test_acc"] <= 1
+    store.flush()
+    assert (tmp_path / "clients" / "3.pt").stat().st_mtime_ns > before  # trained state written back
+    store.close()
+    assert not (tmp_path / "clients").exists()
+
+
+@pytest.mark.parametrize("algo", ["local", "fedktl"])
+def test_disk_client_state_resumes(digits_config, algo):
+    settings = dict(algo=algo, rounds=4, join_ratio=0.75, checkpoint_every=1, client_state="disk",
+                    options=FAST.get(algo, {}))
+    straight = read_run(run(digits_config(name="straight", **settings), quiet=True))
+    cfg = digits_config(name="cut", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, plugins=load(extra=[StopAt(2)]), quiet=True)
+    path = Path(cfg.out) / "cut.h5"
+    assert client_snapshot(checkpoint_path(path)).is_dir()
+    resumed = read_run(run(cfg, quiet=True, resume=True))
+    assert list(resumed["round"]) == [0, 1, 2, 3, 4]
+    assert_same_curves(straight, resumed)
+    assert not client_snapshot(checkpoint_path(path)).exists() and not checkpoint_path(path).exists()
+
+
+def test_process_executor_with_disk_state_gives_the_sequential_curves(digits_config):
+    settings = dict(algo="fedproto", rounds=3, join_ratio=0.75, threads=1)
+    seq = read_run(run(digits_config(name="seq", **settings), quiet=True))
+    par = read_run(run(digits_config(name="par", executor="process", workers=2, client_state="disk",
+                                     **settings), quiet=True))
+    assert_same_curves(seq, par)
+
+
+@pytest.mark.parametrize("algo", ["local", "fedktl"])
+def test_ray_executor_gives_the_sequential_curves(digits_config, algo, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    settings = dict(algo=algo, rounds=3, join_ratio=0.75, threads=1, options=FAST.get(algo, {}))
+    seq = read_run(run(digits_config(name="seq", **settings), quiet=True))
+    ray_run = read_run(run(digits_config(name="ray", executor="ray", workers=2, **settings), quiet=True))
+    assert_same_curves(seq, ray_run)
+
+
+def test_unknown_client_state_is_one_clear_line(capsys):
+    assert main(["run", "--client-state", "cloud"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--client-state" in err[0] and "memory" in err[0] and "disk" in err[0]
+
