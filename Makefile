@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,diffusion]'
+	$(BIN)/pip install -q -e '.[dev,diffusion,ray]'
 	# The default FedKTL generator's weights ship in this package; its declared
 	# dependencies (wandb, ...) are not needed to read them.
 	$(BIN)/pip install -q --no-deps gan_face_generate==1.1.1 omniart-eye-generator==0.1

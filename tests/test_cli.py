@@ -39,6 +39,8 @@ QUICK = ["--dataset", "digits", "--clients", "3", "--rounds", "1", "-q"]
     (["--algo", "fedkd", "--t-start", "0.99", "--t-end", "0.9"], "--t-end (0.9) must not be below --t-start"),
     (["--algo", "fedktl", "--proj", "sometimes"], "invalid choice: 'sometimes'"),
     (["--out", "/proc/htfl-cannot-write-here"], "cannot write results to /proc/htfl-cannot-write-here"),
+    (["--client-state", "cloud"], "invalid choice: 'cloud'"),
+    (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at --ray-address 127.0.0.1:1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, capsys, args, message):
     out = tmp_path / "out"

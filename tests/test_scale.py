@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from htfl_plugins.cli import main
 from htfl_plugins.engine import run
 from htfl_plugins.engine.executors import SequentialExecutor
 from htfl_plugins.engine.loop import checkpoint_path, client_folder, client_snapshot, evaluate, prepare, train_round
@@ -86,10 +85,4 @@ def test_ray_executor_gives_the_sequential_curves(digits_config, algo, monkeypat
     seq = read_run(run(digits_config(name="seq", **settings), quiet=True))
     ray_run = read_run(run(digits_config(name="ray", executor="ray", workers=2, **settings), quiet=True))
     assert_same_curves(seq, ray_run)
-
-
-def test_unknown_client_state_is_one_clear_line(capsys):
-    assert main(["run", "--client-state", "cloud"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--client-state" in err[0] and "memory" in err[0] and "disk" in err[0]
 

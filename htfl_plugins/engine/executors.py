@@ -224,6 +224,23 @@ class ProcessExecutor(_Tasks):
         self.pool.join()
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` Ray address does not answer
+    (Ray itself retries for minutes). ``auto`` and empty addresses are Ray's business."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    if not hostport or hostport == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise HtflError(f"no Ray cluster answers at --ray-address {address}: {exc}; start one with "
+                        "`ray start --head` or give the head's address") from None
+
+
 class RayExecutor(_Tasks):
     """Clients on Ray actors (one CPU each) of a local Ray instance or of the
     cluster at ``--ray-address``. Downloads shared by several clients are put in
@@ -236,6 +253,7 @@ class RayExecutor(_Tasks):
             raise HtflError("--executor ray needs Ray: pip install 'htfl[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
+            check_reachable(address)
             try:
                 ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
