@@ -162,6 +162,13 @@ def cmd_bench(args) -> int:
 
     plugins = get_plugins()
     name, cells = load_suite(args.suite, args.out, plugins)
+    if args.only:
+        import fnmatch
+
+        cells = [c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in args.only)]
+        if not cells:
+            raise HtflError(f"no cell of {args.suite} matches --only {' '.join(args.only)} "
+                            "(`htfl bench SUITE --dry-run` lists the cell names)")
     if args.dry_run:
         total = 0
         for c in cells:
@@ -216,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="parent folder of the suite's result folder")
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status")
+    p.add_argument("--only", nargs="+", metavar="GLOB",
+                   help="only the cells whose names match one of these patterns, e.g. '*digits*'")
     p.set_defaults(func=cmd_bench)
     get_plugins().hook.register_commands(subparsers=sub)
     return parser

@@ -28,6 +28,16 @@ def test_shipped_suites_parse_and_dry_run(suite, tmp_path, capsys):
     assert f"{len(cells)} cells, ~" in out and "missing" in out and "local steps" in out
 
 
+def test_only_selects_cells_by_name(tmp_path, capsys):
+    suite = str(SUITES[[s.stem for s in SUITES].index("cpu-table1")])
+    assert main(["bench", suite, "--dry-run", "--out", str(tmp_path), "--only", "*digits*", "Local_*"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " missing " in ln]
+    assert len(lines) == 2 * 10 * 3 + 2 * 3  # digits cells, plus Local's fmnist cells
+    assert all("digits" in ln or ln.startswith("Local_") for ln in lines)
+    assert main(["bench", suite, "--dry-run", "--only", "nothing*"]) == 2
+    assert "no cell of" in capsys.readouterr().err
+
+
 def test_paper_table2_excludes_vit_heads_for_head_sharing_methods(tmp_path):
     _, cells = load_suite(str(SUITES[[s.stem for s in SUITES].index("paper-table2")]), str(tmp_path))
     pairs = {(c.config.algo, c.config.models) for c in cells}
