@@ -7,8 +7,9 @@ failure is reported to the loop, which drops the client from the round.
 
 Every local update starts from torch's global RNG seeded by (run seed, round,
 client), so where it runs (this process, a worker process, a Ray actor on
-another machine) does not change a number. Workers rebuild the run's set-up
-from its config and receive each client's explicit state with its task.
+another machine) does not change a number. Workers build the algorithm from
+the run's config and receive each client's data and explicit state with its
+task; they load no dataset.
 """
 
 from __future__ import annotations
@@ -125,38 +126,51 @@ class SequentialExecutor:
 
 
 # ------------------------------------------------------------------ workers
+def worker_meta(ctx) -> dict:
+    """What a worker needs of the run's context besides its config (no data)."""
+    return {"num_classes": ctx.num_classes, "input_shape": ctx.input_shape, "num_clients": ctx.num_clients,
+            "archs": ctx.archs, "out_dir": ctx.out_dir, "run_name": ctx.run_name}
+
+
 class Worker:
-    """What a worker process or Ray actor holds: the run's set-up, rebuilt from
-    its config, and a few recently used clients (never one per client)."""
+    """What a worker process or Ray actor holds: the algorithm and the run's
+    context, rebuilt from its config, and a few recently used clients (never one
+    per client). Client data comes with each task, so a worker loads no dataset."""
 
     CACHE = 2
 
-    def __init__(self, cfg):
-        from htfl_plugins.engine.loop import prepare
+    def __init__(self, cfg, meta: dict):
+        from htfl_plugins import config as config_mod
+        from htfl_plugins.engine.base import RunContext
         from htfl_plugins.plugins import get_plugins
 
         tune_allocator()
         torch.set_num_threads(1)
-        self.setup = prepare(cfg, get_plugins())
+        plugins = get_plugins()
+        self.algo = plugins.algorithm(cfg.algo)
+        self.options = config_mod.build(self.algo.options, dict(cfg.options), f"option(s) for {cfg.algo}")
+        self.ctx = RunContext(config=cfg, device=torch.device(cfg.device), plugins=plugins, **meta)
         self.clients: OrderedDict = OrderedDict()
 
-    def client(self, cid: int, state: dict):
+    def client(self, cid: int, data, state: dict):
         client = self.clients.pop(cid, None)
         if client is None:
             if len(self.clients) >= self.CACHE:
                 self.clients.popitem(last=False)
-            client = self.setup.make_client(cid)
+            archs = self.ctx.archs
+            client = self.algo.client(cid, archs[cid % len(archs)], data.to(self.ctx.device), self.options,
+                                      self.ctx)
         self.clients[cid] = client
         client.load_state_dict(state)
         return client
 
-    def train(self, cid, state, payload, budget, round):
-        client = self.client(cid, state)
+    def train(self, cid, data, state, payload, budget, round):
+        client = self.client(cid, data, state)
         result = local_update(client, payload, budget, round)
         return result, client.state_dict()
 
-    def evaluate(self, cid, state):
-        return client_eval(self.client(cid, state))
+    def evaluate(self, cid, data, state):
+        return client_eval(self.client(cid, data, state))
 
 
 class _Tasks:
@@ -176,9 +190,13 @@ class _Tasks:
         while pending:
             yield self.result(pending.popleft())
 
+    def __init__(self, data: list):
+        self.data = data  # every client's ClientData, sent with its tasks
+
     def train(self, clients, selected, downloads, budgets=None, round: int = 0) -> dict:
         store, budgets = ClientStore.of(clients), budgets or {}
-        tasks = ((cid, store.state(cid), downloads.get(cid), budgets.get(cid), round) for cid in selected)
+        tasks = ((cid, self.data[cid], store.state(cid), downloads.get(cid), budgets.get(cid), round)
+                 for cid in selected)
         out = {}
         for cid, (result, state) in zip(selected, self.map("train", tasks)):
             store.set_state(cid, state)
@@ -188,14 +206,15 @@ class _Tasks:
     def evaluate(self, clients, cids) -> dict:
         store = ClientStore.of(clients)
         cids = list(cids)
-        return dict(zip(cids, self.map("evaluate", ((cid, store.state(cid)) for cid in cids))))
+        tasks = ((cid, self.data[cid], store.state(cid)) for cid in cids)
+        return dict(zip(cids, self.map("evaluate", tasks)))
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(cfg) -> None:
-    _WORKER["w"] = Worker(cfg)
+def _init_worker(cfg, meta) -> None:
+    _WORKER["w"] = Worker(cfg, meta)
 
 
 def _call(task):
@@ -207,11 +226,12 @@ class ProcessExecutor(_Tasks):
     """Clients in a pool of worker processes on this machine (one torch thread
     each). Client state travels both ways as its explicit ``state_dict``."""
 
-    def __init__(self, cfg, workers: int):
+    def __init__(self, cfg, workers: int, meta: dict, data: list):
         import multiprocessing as mp
 
+        super().__init__(data)
         self.window = 2 * workers
-        self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg,))
+        self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, meta))
 
     def submit(self, method: str, task):
         return self.pool.apply_async(_call, ((method, task),))
@@ -246,7 +266,7 @@ class RayExecutor(_Tasks):
     cluster at ``--ray-address``. Downloads shared by several clients are put in
     the object store once per round."""
 
-    def __init__(self, cfg, workers: int, address: str = ""):
+    def __init__(self, cfg, workers: int, meta: dict, data: list, address: str = ""):
         try:
             import ray
         except ImportError:
@@ -260,18 +280,19 @@ class RayExecutor(_Tasks):
             except Exception as exc:  # a wrong address, a cluster that does not answer
                 raise HtflError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
                                 f"{exc}") from None
+        super().__init__([ray.put(d) for d in data])  # each client's data enters the object store once
         remote = ray.remote(num_cpus=1)(Worker)
-        self.actors = [remote.remote(cfg) for _ in range(workers)]
+        self.actors = [remote.remote(cfg, meta) for _ in range(workers)]
         self.busy = [0] * workers
         self.window = 2 * workers
         self.shared: dict[int, tuple] = {}
 
     def submit(self, method: str, task):
-        if method == "train" and task[2] is not None:  # one object-store copy per distinct payload
-            payload = task[2]
+        if method == "train" and task[3] is not None:  # one object-store copy per distinct payload
+            payload = task[3]
             if id(payload) not in self.shared:
                 self.shared[id(payload)] = (self.ray.put(payload), payload)
-            task = (task[0], task[1], self.shared[id(payload)][0], *task[3:])
+            task = (*task[:3], self.shared[id(payload)][0], *task[4:])
         i = min(range(len(self.actors)), key=self.busy.__getitem__)
         self.busy[i] += 1
         return i, getattr(self.actors[i], method).remote(*task)
@@ -295,11 +316,13 @@ class RayExecutor(_Tasks):
         self.actors = []
 
 
-def make_executor(cfg):
+def make_executor(cfg, setup):
+    """The executor ``cfg.executor`` names, for the run ``setup`` describes."""
     if cfg.executor == "sequential":
         return SequentialExecutor()
+    meta, data = worker_meta(setup.ctx), setup.scenario.clients
     if cfg.executor == "process":
-        return ProcessExecutor(cfg, cfg.workers)
+        return ProcessExecutor(cfg, cfg.workers, meta, data)
     if cfg.executor == "ray":
-        return RayExecutor(cfg, cfg.workers, cfg.ray_address)
+        return RayExecutor(cfg, cfg.workers, meta, data, cfg.ray_address)
     raise HtflError(f"unknown executor {cfg.executor!r} (known: sequential, process, ray)")

@@ -351,7 +351,7 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
     server = s.make_server()
     try:
         check_disk(s.path.parent, clients, server, bool(cfg.checkpoint_every))
-        executor = make_executor(cfg)
+        executor = make_executor(cfg, s)
     except BaseException:
         clients.close()
         raise
