@@ -11,7 +11,14 @@ import pytest
 
 from htfl_plugins.engine import run
 from htfl_plugins.engine.executors import SequentialExecutor
-from htfl_plugins.engine.loop import checkpoint_path, client_folder, client_snapshot, evaluate, prepare, train_round
+from htfl_plugins.engine.loop import (
+    checkpoint_path,
+    client_folder,
+    client_snapshots,
+    evaluate,
+    prepare,
+    train_round,
+)
 from htfl_plugins.plugins import get_plugins, load
 from htfl_plugins.results import read_run
 from tests.test_resume import FAST, StopAt, assert_same_curves
@@ -62,11 +69,11 @@ def test_disk_client_state_resumes(digits_config, algo):
     with pytest.raises(KeyboardInterrupt):
         run(cfg, plugins=load(extra=[StopAt(2)]), quiet=True)
     path = Path(cfg.out) / "cut.h5"
-    assert client_snapshot(checkpoint_path(path)).is_dir()
+    assert [f.name for f in client_snapshots(checkpoint_path(path))] == ["cut.ckpt.r2.clients"]
     resumed = read_run(run(cfg, quiet=True, resume=True))
     assert list(resumed["round"]) == [0, 1, 2, 3, 4]
     assert_same_curves(straight, resumed)
-    assert not client_snapshot(checkpoint_path(path)).exists() and not checkpoint_path(path).exists()
+    assert not client_snapshots(checkpoint_path(path)) and not checkpoint_path(path).exists()
 
 
 def test_process_executor_with_disk_state_gives_the_sequential_curves(digits_config):

@@ -33,7 +33,8 @@ def state_bytes(obj) -> int:
     return 0
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to ``path`` through a temporary file: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -63,7 +64,7 @@ class ClientStore:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for cid in range(len(archs)):
-                _atomic_save(make(cid).state_dict(), self._file(cid))
+                atomic_save(make(cid).state_dict(), self._file(cid))
         except OSError as exc:
             self.close()
             raise HtflError(f"cannot keep client state in {folder}: {exc.strerror or exc}") from None
@@ -113,7 +114,7 @@ class ClientStore:
     def _evict(self, cid: int) -> None:
         client = self._clients.pop(cid)
         if cid in self._dirty:
-            _atomic_save(client.state_dict(), self._file(cid))
+            atomic_save(client.state_dict(), self._file(cid))
             self._dirty.discard(cid)
 
     def state(self, cid: int) -> dict:
@@ -127,7 +128,7 @@ class ClientStore:
             if self.on_disk:
                 self._dirty.add(cid)
         else:
-            _atomic_save(state, self._file(cid))
+            atomic_save(state, self._file(cid))
 
     def flush(self) -> None:
         """Write every changed live client back (disk mode) and let it go."""

@@ -9,6 +9,7 @@ training round r.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from htfl_plugins import config as config_mod
 from htfl_plugins.config import RunConfig
 from htfl_plugins.data import load_scenario
 from htfl_plugins.engine.base import Payload, RunContext, derive_seed
-from htfl_plugins.engine.clients import ClientStore, state_bytes
+from htfl_plugins.engine.clients import ClientStore, atomic_save, state_bytes
 from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor
 from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import HtflError
@@ -279,9 +280,9 @@ def checkpoint_path(result: Path) -> Path:
     return result.with_suffix(".ckpt")
 
 
-def client_snapshot(ckpt: Path) -> Path:
-    """The folder of a checkpoint's disk-kept client states."""
-    return ckpt.with_name(ckpt.name + ".clients")
+def client_snapshots(ckpt: Path) -> list[Path]:
+    """The folders of disk-kept client states beside a checkpoint (``<ckpt>.r<round>.clients``)."""
+    return sorted(ckpt.parent.glob(glob.escape(ckpt.name) + ".r*.clients"))
 
 
 def client_folder(result: Path) -> Path:
@@ -291,25 +292,22 @@ def client_folder(result: Path) -> Path:
 
 def save_checkpoint(path: Path, r: int, store: ClientStore, server, rng, record, best) -> None:
     """The whole run state after round r, written atomically. Disk-kept clients
-    go to a folder beside it (linked, not loaded)."""
+    go to a folder of this round beside it (linked, not loaded), which the
+    checkpoint names; older folders go once the checkpoint is written."""
     if store.on_disk:
-        store.snapshot(client_snapshot(path))
-        clients = "folder"
+        folder = path.with_name(f"{path.name}.r{r}.clients")
+        store.snapshot(folder)
+        clients = folder.name
     else:
         clients = [store.state(cid) for cid in range(len(store))]
     state = {"round": r, "clients": clients, "server": server.state_dict(),
              "loop_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
              "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
              "rows": record.rows, "best": best}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".ckpt.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(state, path)
+    for old in client_snapshots(path):
+        if store.on_disk and old.name != clients:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_disk(folder: Path, store: ClientStore, server, checkpoints: bool) -> None:
@@ -364,8 +362,8 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
     ckpt = checkpoint_path(s.path)
     if resume:
         state = load_checkpoint(ckpt)
-        if state["clients"] == "folder":
-            clients.restore(client_snapshot(ckpt))
+        if isinstance(state["clients"], str):
+            clients.restore(ckpt.with_name(state["clients"]))
         else:
             for cid, cs in enumerate(state["clients"]):
                 clients.set_state(cid, cs)
@@ -427,7 +425,8 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
         else:
             status = "finished"
         ckpt.unlink(missing_ok=True)  # a finished run has nothing to resume
-        shutil.rmtree(client_snapshot(ckpt), ignore_errors=True)
+        for folder in client_snapshots(ckpt):
+            shutil.rmtree(folder, ignore_errors=True)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
