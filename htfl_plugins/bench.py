@@ -75,6 +75,7 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                 values["options"] = {**settings.get("options", {}), **sc.get("options", {}),
                                      **rn.get("options", {})}
                 values.setdefault("tag", rn.get("algo", ""))
+                values.setdefault("threads", 1)  # the same numbers whatever --jobs is
                 if any(all(values.get(k) == v for k, v in ex.items()) for ex in excludes):
                     continue
                 sc_label = "_".join(f"{k}={v}" for k, v in sc.items() if k != "options") or "default"
@@ -127,8 +128,8 @@ def _run_cell(cfg: RunConfig) -> str | None:
 
 
 def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
-    """Run every cell not yet finished; ``jobs`` > 1 runs cells in parallel processes
-    with one torch thread each. Returns the cells that were run."""
+    """Run every cell not yet finished; ``jobs`` > 1 runs cells in parallel
+    processes. Returns the cells that were run."""
     todo = [c for c in cells if cell_status(c) not in DONE]
     log(f"{len(cells) - len(todo)} of {len(cells)} cells already finished; running {len(todo)}")
     if not todo:
@@ -152,8 +153,6 @@ def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
     else:
         import multiprocessing as mp
 
-        for c in todo:
-            c.config.threads = c.config.threads or 1
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_run_cell, c.config): c for c in todo}
             for fut in cf.as_completed(futures):
