@@ -53,6 +53,8 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/cpu-table1 --table pivot --metric last_acc -o $(T)/cpu-table1-digits-last.md
 	$(BIN)/htfl compare $(R)/cpu-table1 --table time -o $(T)/cpu-table1-digits-time.md
 	$(BIN)/htfl compare $(R)/cpu-table1 --table traffic -o $(T)/cpu-table1-digits-traffic.md
+	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
+	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
 
 lint: setup
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests
