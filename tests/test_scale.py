@@ -93,3 +93,15 @@ def test_ray_executor_gives_the_sequential_curves(digits_config, algo, monkeypat
     ray_run = read_run(run(digits_config(name="ray", executor="ray", workers=2, **settings), quiet=True))
     assert_same_curves(seq, ray_run)
 
+
+
+@pytest.mark.parametrize("env, applied", [("1", "True"), ("0", "False")])
+def test_allocator_tuning_applies_unless_switched_off(env, applied):
+    import os
+    import subprocess
+    import sys
+
+    code = "from htfl_plugins.engine.perf import tune_allocator; print(tune_allocator())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HTFL_MALLOC_TUNING": env}).stdout.strip()
+    assert out == applied

@@ -3,12 +3,13 @@
 At the batch sizes of federated clients (10 by default) a training step
 allocates and frees the same activation and gradient buffers every step. glibc
 returns large freed blocks to the OS (``mmap``/``munmap``, heap trimming), so
-each step pays for page faults on fresh memory: on a 2-core machine a
-ResNet-18 step at batch 10 took about 45 ms with glibc's defaults and 36 ms with
-freed memory kept for reuse (5× fewer minor page faults; see
-benchmarks/RESULTS.md). :func:`tune_allocator` keeps it. It changes no number,
-only where memory comes from; set ``HTFL_MALLOC_TUNING=0`` to leave glibc's
-defaults.
+a step can pay for page faults on fresh memory. :func:`tune_allocator` keeps
+freed memory for reuse instead. In fresh processes (``benchmarks/step.py``) a
+ResNet-18 step at batch 10 went from about 4,700 minor page faults to none and
+from 42 to 36 ms on one thread (31 to 22 ms on two); over a whole round in a
+long-lived process the gain was within noise, as glibc's own adaptive
+thresholds catch up (benchmarks/RESULTS.md, section 5). It changes no number,
+only where memory comes from; ``HTFL_MALLOC_TUNING=0`` leaves glibc's defaults.
 """
 
 from __future__ import annotations
