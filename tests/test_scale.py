@@ -105,3 +105,24 @@ def test_allocator_tuning_applies_unless_switched_off(env, applied):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "HTFL_MALLOC_TUNING": env}).stdout.strip()
     assert out == applied
+
+
+def test_a_dead_worker_process_is_one_clear_error(digits_config):
+    import os
+    import signal
+
+    from htfl_plugins.engine.executors import ProcessExecutor, worker_meta
+    from htfl_plugins.errors import HtflError
+
+    cfg = digits_config(executor="process", workers=2)
+    s = prepare(cfg, get_plugins())
+    store = s.client_store()
+    executor = ProcessExecutor(cfg, 2, worker_meta(s.ctx), s.scenario.clients)
+    try:
+        assert set(executor.evaluate(store, [0, 1])) == {0, 1}  # the workers are up
+        for pid in list(executor.pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(HtflError, match="worker process of --executor process died"):
+            executor.train(store, [0, 1, 2], {}, None, 1)
+    finally:
+        executor.close()

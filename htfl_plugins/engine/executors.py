@@ -227,21 +227,37 @@ class ProcessExecutor(_Tasks):
     each). Client state travels both ways as its explicit ``state_dict``."""
 
     def __init__(self, cfg, workers: int, meta: dict, data: list):
+        import concurrent.futures as cf
         import multiprocessing as mp
 
         super().__init__(data)
         self.window = 2 * workers
-        self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, meta))
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(cfg, meta))
 
     def submit(self, method: str, task):
-        return self.pool.apply_async(_call, ((method, task),))
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool.submit(_call, (method, task))
+        except BrokenProcessPool as exc:
+            raise self._died(exc) from None
 
     def result(self, future):
-        return future.get()
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            raise self._died(exc) from None
+
+    @staticmethod
+    def _died(exc) -> HtflError:
+        return HtflError(f"a worker process of --executor process died ({exc}); out of memory or killed? "
+                         "The last checkpoint can be resumed with `htfl resume`")
 
     def close(self) -> None:
-        self.pool.close()
-        self.pool.join()
+        self.pool.shutdown(cancel_futures=True)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -301,6 +317,9 @@ class RayExecutor(_Tasks):
         i, ref = future
         try:
             return self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # an actor or node lost, not a client's fault
+            raise HtflError(f"a Ray worker failed: {str(exc).splitlines()[0]}; the last checkpoint can be "
+                            "resumed with `htfl resume`") from None
         finally:
             self.busy[i] -= 1
 
