@@ -134,7 +134,14 @@ def cmd_data(argv: list[str]) -> int:
 def cmd_compare(args) -> int:
     from htfl_plugins.results import load
     from htfl_plugins.results.plots import plot_acc_vs_upload, plot_curves
-    from htfl_plugins.results.tables import compare_table, pivot_table, render, time_table, traffic_table
+    from htfl_plugins.results.tables import (
+        compare_table,
+        pivot_table,
+        render,
+        rounds_table,
+        time_table,
+        traffic_table,
+    )
 
     df = load(args.paths)
     if args.table == "pivot":
@@ -143,6 +150,12 @@ def cmd_compare(args) -> int:
         table, index = traffic_table(df), True
     elif args.table == "time":
         table, index = time_table(df), True
+    elif args.table == "rounds":
+        try:
+            at = [int(r) for r in args.at.split(",")]
+        except ValueError:
+            raise HtflError(f"--at wants comma-separated round numbers, got {args.at!r}") from None
+        table, index = rounds_table(df, at), True
     else:
         table, index = compare_table(df, by=args.by.split(",") if args.by else None), False
     text = render(table, args.format, index=index)
@@ -204,10 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show"])
     p = sub.add_parser("compare", help="table (and curves) from result files")
     p.add_argument("paths", nargs="+", help="result files or folders")
-    p.add_argument("--table", choices=["summary", "pivot", "traffic", "time"], default="summary",
+    p.add_argument("--table", choices=["summary", "pivot", "rounds", "traffic", "time"], default="summary",
                    help="summary: one row per method and scenario; pivot: methods × scenarios, best "
-                   "per column in bold (the paper's layout); traffic: elements up/down per round in "
-                   "millions; time: seconds per round")
+                   "per column in bold (the paper's layout); rounds: test accuracy after the rounds of "
+                   "--at; traffic: elements up/down per round in millions; time: seconds per round")
+    p.add_argument("--at", default="1,2,5,10,20,50", help="rounds table: comma-separated rounds")
     p.add_argument("--metric", choices=["best_acc", "last_acc", "best_auc"], default="best_acc",
                    help="the pivot table's cells")
     p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")

@@ -8,7 +8,7 @@ import pytest
 from htfl_plugins.cli import main
 from htfl_plugins.config import RunConfig, build
 from htfl_plugins.engine import run
-from htfl_plugins.results import load, pivot_table, summarize, time_table, traffic_table
+from htfl_plugins.results import load, pivot_table, rounds_table, summarize, time_table, traffic_table
 from htfl_plugins.results.tables import render
 
 
@@ -61,6 +61,17 @@ def test_traffic_and_time_tables(grid):
     assert traffic.loc["feddistill", "upload (M)"] == pytest.approx(fd["upload_elements"].mean() / 1e6)
     times = time_table(df)
     assert (times["total s/round"] > 0).all() and np.isfinite(times.values).all()
+
+
+def test_rounds_table_gives_mean_and_std_after_each_round(grid, capsys):
+    df = load(grid)
+    table = rounds_table(df[df["alpha"] == 0.5], [1, 2, 7])
+    assert list(table.columns) == ["round 1", "round 2", "round 7"]
+    acc = df[(df["alpha"] == 0.5) & (df["algo"] == "local") & (df["round"] == 2)]["test_acc"] * 100
+    assert table.loc["local", "round 2"] == f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
+    assert table.loc["local", "round 7"] == "–"  # no run went that far
+    assert main(["compare", str(grid), "--table", "rounds", "--at", "1,x"]) == 2
+    assert "--at wants comma-separated round numbers" in capsys.readouterr().err
 
 
 def test_compare_cli_writes_tables_and_figures(grid, tmp_path, capsys):

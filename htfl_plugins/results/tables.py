@@ -1,5 +1,6 @@
 """Tables from the DataFrame of :func:`htfl_plugins.results.load` (nothing is parsed
-from logs): a summary, the paper-style pivot, traffic and time tables."""
+from logs): a summary, the paper-style pivot, accuracy after given rounds, traffic and
+time tables."""
 
 from __future__ import annotations
 
@@ -98,6 +99,18 @@ def time_table(df: pd.DataFrame) -> pd.DataFrame:
                     "eval s/round": g["eval_seconds"].dropna().mean(),
                     "total s/round": g["round_seconds"].mean()})
     return pd.DataFrame(out).set_index("method")
+
+
+def rounds_table(df: pd.DataFrame, rounds: list[int], metric: str = "test_acc") -> pd.DataFrame:
+    """Rows are methods, columns the given rounds, cells mean ± std (%) over seeds
+    of ``metric`` after that many training rounds (– where a run has no such row)."""
+    runs = with_method(df)
+    table = pd.DataFrame("–", index=list(dict.fromkeys(runs["method"])), columns=[f"round {r}" for r in rounds])
+    for method, g in runs.groupby("method", sort=False):
+        for r in rounds:
+            table.loc[method, f"round {r}"] = _pm(g.loc[g["round"] == r, metric])
+    table.index.name = "method"
+    return table
 
 
 def render(table: pd.DataFrame, fmt: str, index: bool = True) -> str:
