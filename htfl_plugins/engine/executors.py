@@ -15,6 +15,7 @@ task; they load no dataset.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import HtflError
 
 EVAL_BATCH = 512
+log = logging.getLogger("htfl")
 
 
 @dataclass
@@ -75,8 +77,6 @@ def local_update(client, payload, budget: int | None, round: int):
 def client_eval(cl) -> dict:
     """One client on its own test split (hits, AUC, per-way hits) and its
     training loss; the loop combines these over clients."""
-    import logging
-
     cl.model.eval()
     extra: dict[str, int] = {}
     with torch.inference_mode():
@@ -94,7 +94,7 @@ def client_eval(cl) -> dict:
                 extra[name] = extra.get(name, 0) + int((alt.argmax(1) == y).sum())
             probs.append(F.softmax(s.double(), 1).cpu())
         if bad_total:
-            logging.getLogger("htfl").warning(
+            log.warning(
                 "client %d (%s) gave non-finite scores for %d test samples; they count as wrong",
                 cl.cid, cl.arch, bad_total)
         probs = torch.cat(probs).numpy()
@@ -181,6 +181,9 @@ class _Tasks:
 
     window = 4
 
+    def __init__(self, data: list):
+        self.data = data  # every client's ClientData, sent with its tasks
+
     def map(self, method: str, tasks):
         pending: deque = deque()
         for task in tasks:
@@ -189,9 +192,6 @@ class _Tasks:
                 yield self.result(pending.popleft())
         while pending:
             yield self.result(pending.popleft())
-
-    def __init__(self, data: list):
-        self.data = data  # every client's ClientData, sent with its tasks
 
     def train(self, clients, selected, downloads, budgets=None, round: int = 0) -> dict:
         store, budgets = ClientStore.of(clients), budgets or {}
