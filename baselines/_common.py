@@ -36,8 +36,7 @@ def head_shapes(ctx, arch: str) -> dict[str, tuple]:
 def check_shared_head(algo: str, ctx) -> None:
     """Raise HtflError unless every client's head has the same parameter shapes
     (a head-sharing method cannot average a ViT head with a Linear head)."""
-    used = sorted({ctx.archs[i % len(ctx.archs)] for i in range(ctx.num_clients)},
-                  key=ctx.archs.index)
+    used = ctx.archs_in_use()
     shapes = {a: head_shapes(ctx, a) for a in used}
     first = used[0]
     for a in used[1:]:

@@ -88,7 +88,7 @@ class FedGHServer(Server):
     @classmethod
     def check(cls, options, ctx):
         want = {"weight": (ctx.num_classes, ctx.feature_dim), "bias": (ctx.num_classes,)}
-        for arch in dict.fromkeys(ctx.archs[i % len(ctx.archs)] for i in range(ctx.num_clients)):
+        for arch in ctx.archs_in_use():
             if head_shapes(ctx, arch) != want:
                 raise HtflError(f"fedgh shares one Linear({ctx.feature_dim}, {ctx.num_classes}) "
                                 f"head, but model {arch} has another head; choose models with "

@@ -66,7 +66,7 @@ def floor(cfg: RunConfig) -> dict:
     seconds, flops, correct, n_test, steps = 0.0, 0, 0, 0, 0
     flops_per_step: dict[tuple, int] = {}
     for cid, data in enumerate(s.scenario.clients):
-        arch = ctx.archs[cid % len(ctx.archs)]
+        arch = ctx.client_arch(cid)
         model = ctx.build_model(arch)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         gen = ctx.generator("client", cid)  # the library client's batch order

@@ -45,6 +45,14 @@ class RunContext:
     def feature_dim(self) -> int:
         return self.config.feature_dim
 
+    def client_arch(self, cid: int) -> str:
+        """Client i's architecture: ``archs[i % len(archs)]``, as in HtFLlib."""
+        return self.archs[cid % len(self.archs)]
+
+    def archs_in_use(self) -> list[str]:
+        """The distinct architectures of the run's clients, in group order."""
+        return list(dict.fromkeys(self.client_arch(i) for i in range(self.num_clients)))
+
     def build_model(self, arch: str, num_outputs: int | None = None, seed_key: Any = None) -> nn.Module:
         """A zoo model for this run's inputs, initialised from the run seed and
         ``seed_key`` (by default the architecture: same architecture, same start,

@@ -75,8 +75,7 @@ class ClientStore:
         if isinstance(clients, ClientStore):
             return clients
         clients = list(clients)
-        store = cls(lambda cid: clients[cid], [c.arch for c in clients])
-        return store
+        return cls(lambda cid: clients[cid], [c.arch for c in clients])
 
     @property
     def on_disk(self) -> bool:

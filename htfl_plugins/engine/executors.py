@@ -157,8 +157,7 @@ class Worker:
         if client is None:
             if len(self.clients) >= self.CACHE:
                 self.clients.popitem(last=False)
-            archs = self.ctx.archs
-            client = self.algo.client(cid, archs[cid % len(archs)], data.to(self.ctx.device), self.options,
+            client = self.algo.client(cid, self.ctx.client_arch(cid), data.to(self.ctx.device), self.options,
                                       self.ctx)
         self.clients[cid] = client
         client.load_state_dict(state)

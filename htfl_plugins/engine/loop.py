@@ -103,12 +103,8 @@ class Setup:
     ctx: RunContext
     path: Path
 
-    def arch(self, cid: int) -> str:
-        """Client i gets architecture ``archs[i % len]``."""
-        return self.ctx.archs[cid % len(self.ctx.archs)]
-
     def make_client(self, cid: int):
-        return self.algo.client(cid, self.arch(cid), self.scenario.clients[cid].to(self.ctx.device),
+        return self.algo.client(cid, self.ctx.client_arch(cid), self.scenario.clients[cid].to(self.ctx.device),
                                 self.options, self.ctx)
 
     def parties(self):
@@ -120,7 +116,7 @@ class Setup:
 
     def client_store(self, folder: Path | None = None) -> ClientStore:
         """The run's clients, live (``folder`` None) or kept on disk in ``folder``."""
-        return ClientStore(self.make_client, [self.arch(i) for i in range(len(self.scenario.clients))],
+        return ClientStore(self.make_client, [self.ctx.client_arch(i) for i in range(self.ctx.num_clients)],
                            folder)
 
 
@@ -305,9 +301,10 @@ def save_checkpoint(path: Path, r: int, store: ClientStore, server, rng, record,
              "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
              "rows": record.rows, "best": best}
     atomic_save(state, path)
-    for old in client_snapshots(path):
-        if store.on_disk and old.name != clients:
-            shutil.rmtree(old, ignore_errors=True)
+    if store.on_disk:
+        for old in client_snapshots(path):
+            if old.name != clients:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def check_disk(folder: Path, store: ClientStore, server, checkpoints: bool) -> None:
