@@ -15,7 +15,7 @@ round differ only by floating-point reordering.
 Prints the floor's training seconds, the library's round seconds (training and
 evaluation), the ratio floor / library, both accuracies, and the achieved
 GFLOP/s of the floor (FLOPs counted by torch's FlopCounterMode) beside the
-machine's measured single-precision GEMM rate.
+machine's measured single-precision GEMM rate and memory copy bandwidth.
 """
 
 from __future__ import annotations
@@ -57,6 +57,17 @@ def gemm_rate(n: int = 2048, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def copy_rate(n: int = 100_000_000, repeats: int = 5) -> float:
+    """Measured memory copy GB/s (read + write) with torch's current thread count."""
+    a = torch.randn(n)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        b.copy_(a)
+    return 2 * a.numel() * a.element_size() * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def floor(cfg: RunConfig) -> dict:
@@ -126,11 +137,13 @@ def main(argv=None) -> int:
               "default_threads": torch.get_num_threads()}
     if not a.skip_floor:
         result["gemm_gflops"] = gemm_rate()
+        result["copy_gbps"] = copy_rate()
         result["floor"] = floor(build(RunConfig, {**vars(cfg), "threads": 0}, "floor"))
         fl = result["floor"]
         fl["gflops_per_s"] = fl["gflop"] / fl["seconds"]
         print(f"floor:   {fl['seconds']:.1f} s for {fl['steps']} steps, accuracy {fl['acc']:.4f}, "
-              f"{fl['gflops_per_s']:.0f} GFLOP/s (machine GEMM: {result['gemm_gflops']:.0f} GFLOP/s)")
+              f"{fl['gflops_per_s']:.0f} GFLOP/s (machine: GEMM {result['gemm_gflops']:.0f} GFLOP/s, "
+              f"copy {result['copy_gbps']:.0f} GB/s)")
     lib = result["library"] = library(cfg)
     print(f"library: {lib['seconds']:.1f} s per round (train {lib['train_seconds']:.1f} s, "
           f"eval {lib['eval_seconds']:.1f} s), accuracy {lib['acc']:.4f}  [{result['run_flags'] or 'defaults'}]")

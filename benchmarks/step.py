@@ -3,6 +3,7 @@ decide small-batch CPU speed. Each variant runs in its own fresh process.
 
     python benchmarks/step.py [--model ResNet18] [--batch-size 10] [--steps 60] [--repeats 3]
         [--variants eager,alloc,channels-last,compile,bf16]
+    python benchmarks/step.py --profile [--model ResNet18]   # where an eager step's time goes
 
 Variants (each at 1 and 2 threads): ``eager`` (torch's defaults), ``alloc``
 (eager with htfl's allocator tuning), ``channels-last``, ``compile``
@@ -59,6 +60,31 @@ print(json.dumps({"ms": dt * 1e3, "faults": faults, "gflops": flops / dt / 1e9})
 """
 
 
+PROFILE = r"""
+import sys, torch, torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from htfl_plugins.models import build_model
+from htfl_plugins.plugins import get_plugins
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = build_model(get_plugins(), sys.argv[1], 1, 28, 10, 512)
+batch = int(sys.argv[2])
+x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def step():
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+for _ in range(10):
+    step()
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(20):
+        step()
+print(f"20 steps of {sys.argv[1]}, batch {batch}, 2 threads")
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+"""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ResNet18")
@@ -66,7 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="eager,alloc,channels-last,compile,bf16")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's table of one eager step on 2 threads instead")
     a = p.parse_args(argv)
+    if a.profile:
+        return subprocess.run([sys.executable, "-c", PROFILE, a.model, str(a.batch_size)], check=True).returncode
     print(f"{a.model}, batch {a.batch_size}, 1×28×28, {a.steps} steps, median of {a.repeats} processes")
     print("| variant | threads | ms / step | minor faults / step | GFLOP/s |")
     print("|---|---:|---:|---:|---:|")
