@@ -113,6 +113,17 @@ def test_second_load_reuses_cache(cached, monkeypatch):
         assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
 
 
+def test_a_second_builder_keeps_the_finished_folder(cached):
+    """Two processes building one scenario (parallel bench cells): the one that
+    finishes second must not delete the folder the first one is already reading."""
+    cfg, sc = cached
+    folder = Path(sc.path)
+    before = snapshot(folder)
+    scenario_mod.build_scenario(cfg, get_plugins(), folder, scenario_params(cfg, 10))
+    assert snapshot(folder) == before
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".building-")]
+
+
 def test_rebuild_is_identical(cached, digits_config, tmp_path):
     _, sc = cached
     other = digits_config(clients=4, partition="dir", alpha=0.5, cache_dir=str(tmp_path / "c2"))

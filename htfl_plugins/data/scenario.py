@@ -140,15 +140,17 @@ def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
                      "classes": [str(c) for c in raw.classes]},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            # Another process finished the same scenario first: keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Another process (a parallel bench cell) may have finished the same
+        # scenario meanwhile and be reading it: keep theirs, never replace it.
+        if not (target / "config.json").is_file():
+            if target.exists():  # an incomplete folder from before atomic builds
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
