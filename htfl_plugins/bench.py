@@ -19,8 +19,10 @@ algo = "lg_fedavg"
 models = "HtM-img-10"
 ```
 
-A re-run skips cells whose file is finished and redoes any other; a cell that
-fails is reported and the others still run.
+A re-run skips cells whose file is finished, continues a cut-off cell from its
+last checkpoint (``checkpoint_every``, every 10 rounds by default) when the suite
+still gives it the same settings, and redoes any other; a cell that fails is
+reported and the others still run.
 """
 
 from __future__ import annotations
@@ -116,12 +118,34 @@ def cell_status(cell: Cell) -> str:
         return "unreadable"
 
 
+def resumable(cfg: RunConfig) -> bool:
+    """Whether a half-finished cell can continue from its checkpoint: its run was
+    cut off (not failed), and it was started with the settings the suite gives now."""
+    from htfl_plugins.engine.loop import checkpoint_path
+    from htfl_plugins.results.store import read_run
+
+    path = Path(cfg.out) / f"{cfg.name}.h5"
+    if not checkpoint_path(path).is_file():
+        return False
+    try:
+        saved = read_run(path)
+    except HtflError:
+        return False
+    if saved["attrs"].get("status") not in ("running", "interrupted"):
+        return False
+    stored, now = dict(saved["config"]), config_mod.to_dict(cfg)
+    stored_options, options = stored.pop("options", {}), now.pop("options", {})
+    return stored == now and all(stored_options.get(k) == v for k, v in options.items())
+
+
 def _run_cell(cfg: RunConfig) -> str | None:
-    """Run one cell; a user-level error is returned as text, not raised."""
+    """Run one cell, continuing a cut-off one from its checkpoint (resumed runs
+    give exactly the curves of uninterrupted ones); a user-level error is returned
+    as text, not raised."""
     from htfl_plugins.engine import run
 
     try:
-        run(cfg, quiet=True)
+        run(cfg, quiet=True, resume=resumable(cfg))
     except HtflError as exc:
         return str(exc)
     return None

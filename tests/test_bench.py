@@ -1,16 +1,21 @@
 """Benchmark suites: every shipped suite parses and lists its cells; a re-run
-skips finished cells and redoes the others."""
+skips finished cells, continues cut-off ones from their checkpoint and redoes
+the others."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from htfl_plugins.bench import cell_status, load_suite, run_suite
+from htfl_plugins.bench import cell_status, load_suite, resumable, run_suite
 from htfl_plugins.cli import main
-from htfl_plugins.plugins import get_plugins
+from htfl_plugins.engine import run
+from htfl_plugins.plugins import get_plugins, load
 from htfl_plugins.results import read_run
+from tests.test_resume import StopAt, assert_same_curves
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.toml"))
 EXPECTED = {"paper-table1": 8 * 9 * 3, "paper-table2": (8 * 9 - 3) * 3, "cpu-table1": 3 * 10 * 3,
@@ -67,6 +72,31 @@ def test_rerun_skips_finished_and_redoes_unfinished(tmp_path):
     assert {c.name for c in redone} == {cells[1].name, cells[2].name}
     assert {c.name: c.path.stat().st_mtime_ns for c in (cells[0], cells[3])} == before
     assert all(cell_status(c) == "finished" for c in cells)
+
+
+def test_a_cut_off_cell_continues_from_its_checkpoint(tmp_path):
+    suite = tmp_path / "cut.toml"
+    text = ('[settings]\ndataset = "digits"\nclients = 3\nrounds = 4\ncheckpoint_every = 1\n'
+            '[[runs]]\nalgo = "fedproto"\n')
+    suite.write_text(text)
+    _, (cell,) = load_suite(str(suite), str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):  # the session ends after round 2
+        run(cell.config, plugins=load(extra=[StopAt(2)]), quiet=True)
+    cut = read_run(cell.path)
+    assert resumable(cell.config)
+    assert run_suite([cell], log=lambda *_: None) == [cell]
+    done = read_run(cell.path)
+    assert done["attrs"]["status"] == "finished" and list(done["round"]) == [0, 1, 2, 3, 4]
+    # rounds 0-2 were not run again: their timings are the cut-off run's own
+    assert np.array_equal(done["round_seconds"][:3], cut["round_seconds"][:3], equal_nan=True)
+    _, (straight,) = load_suite(str(suite), str(tmp_path / "straight"))
+    run_suite([straight], log=lambda *_: None)
+    assert_same_curves(read_run(straight.path), done)
+
+    # changed settings (here: rounds) start the cell over instead
+    with pytest.raises(KeyboardInterrupt):
+        run(dataclasses.replace(straight.config, rounds=6), plugins=load(extra=[StopAt(1)]), quiet=True)
+    assert not resumable(straight.config)
 
 
 def test_a_failing_cell_does_not_stop_the_others(tmp_path):
