@@ -31,13 +31,21 @@ def cosine_logits(outputs: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return F.normalize(outputs, dim=1) @ anchors.t()
 
 
-def arcface_loss(cos: torch.Tensor, y: torch.Tensor, s: float, m: float, eps: float = 1e-7) -> torch.Tensor:
-    """Cross-entropy on s·cos, with the true class's angle widened by m.
+def arcface_loss(cos: torch.Tensor, y: torch.Tensor, s: float, m: float, eps: float = 1e-7,
+                 monotone: bool = True) -> torch.Tensor:
+    """Cross-entropy on s·cos, with the true class's angle θ widened by m.
 
     The arccos input is clamped to [−1+ε, 1−ε], so neither the forward value
-    nor the gradient can become NaN.
+    nor the gradient can become NaN. cos(θ + m) falls only while θ + m ≤ π;
+    past that (θ > π − m) it rises again, so a sample near the antipode of its
+    anchor is pushed further away and stays there. With ``monotone`` such
+    samples get cos θ − m·sin m instead (the usual ArcFace safeguard), which
+    always pulls them towards their anchor; without it the target is cos(θ + m)
+    everywhere, as in the FedKTL authors' code.
     """
     cos_y = cos.gather(1, y[:, None]).clamp(-1 + eps, 1 - eps)
     target = torch.cos(torch.acos(cos_y) + m)
+    if monotone:
+        target = torch.where(cos_y > math.cos(math.pi - m), target, cos_y - m * math.sin(m))
     logits = cos.scatter(1, y[:, None], target) * s
     return F.cross_entropy(logits, y)

@@ -44,6 +44,9 @@ class FedKTLOptions:
     sd_steps: int = opt(50, "stable-diffusion: denoising steps", min=1)
     arcface_s: float = opt(64.0, "ArcFace scale s", min=0.0)
     arcface_m: float = opt(0.5, "ArcFace angular margin m (radians)", min=0.0)
+    arcface_monotone: bool = opt(True, "past θ > π − m use cos θ − m·sin m as the true-class "
+                                 "target, so samples far from their anchor are pulled back "
+                                 "(false: cos(θ + m) everywhere, the authors' code)")
     proj: str = opt("keep", "projection head h': 'keep' (per client, trained across rounds, as "
                     "the paper's figure) or 'reset' (shared initialisation every round, as the "
                     "authors' code)", choices=["keep", "reset"])
@@ -171,7 +174,7 @@ class FedKTLClient(Client):
         out = self.model(x)
         if self.options.use_etf:
             return arcface_loss(cosine_logits(out, self.anchors), y, self.options.arcface_s,
-                                self.options.arcface_m)
+                                self.options.arcface_m, monotone=self.options.arcface_monotone)
         return F.cross_entropy(out, y)
 
     def train(self) -> float:

@@ -4,6 +4,7 @@ client mechanics, ablations, single-client mode."""
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 
 import numpy as np
@@ -54,6 +55,24 @@ def test_arcface_adds_margin_to_true_class_only_and_never_nans():
     loss = arcface_loss(cosine_logits(anti, anchors), torch.tensor([0]), 64, 0.5)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(anti.grad).all()
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+def test_arcface_pulls_a_sample_near_its_antipode_back_only_when_monotone(monotone):
+    """Past θ > π − m, cos(θ + m) rises again: with the authors' target a sample
+    near the antipode of its anchor lowers its loss by moving further away (a
+    trap); the monotone target cos θ − m·sin m always rewards moving closer."""
+    def loss_at(cos_true):  # the other classes' cosines held fixed
+        cos = torch.full((1, 10), -1 / 9)
+        cos[0, 0] = cos_true
+        return arcface_loss(cos, torch.tensor([0]), 64, 0.5, monotone=monotone).item()
+
+    assert math.acos(-0.95) > math.pi - 0.5  # both points are past π − m
+    assert (loss_at(-0.95) < loss_at(-0.99)) == monotone
+    assert (loss_at(-0.95) < loss_at(-0.9)) != monotone
+    # before π − m both targets are cos(θ + m)
+    assert loss_at(0.3) == pytest.approx(arcface_loss(
+        torch.tensor([[0.3] + [-1 / 9] * 9]), torch.tensor([0]), 64, 0.5, monotone=not monotone).item())
 
 
 def test_mmd_separates_distributions():
