@@ -55,11 +55,12 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/cpu-table1 --table traffic -o $(T)/cpu-table1-digits-traffic.md
 	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
 	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
-	$(BIN)/htfl bench benchmarks/suites/baselines-fmnist.toml --out $(R) --jobs 2 --only '*_s0'
-	$(BIN)/htfl compare $(R)/baselines-fmnist -o $(T)/baselines-fmnist-s0.md
-	$(BIN)/htfl compare $(R)/baselines-fmnist --table rounds --at 1,2,5,10,20,50 -o $(T)/baselines-fmnist-s0-rounds.md
-	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-s0-time.md
-	$(BIN)/htfl compare $(R)/baselines-fmnist --plot $(T)/baselines-fmnist-s0-curves.png
+	$(BIN)/htfl bench benchmarks/suites/baselines-fmnist.toml --out $(R) --jobs 2 \
+	  --only '*_s0' 'Local_*' 'FedKTL_default_s2' 'FedKTL_monotone_*'
+	$(BIN)/htfl compare $(R)/baselines-fmnist -o $(T)/baselines-fmnist.md
+	$(BIN)/htfl compare $(R)/baselines-fmnist --table rounds --at 1,2,5,10,20,50 -o $(T)/baselines-fmnist-rounds.md
+	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-time.md
+	$(BIN)/htfl compare $(R)/baselines-fmnist --plot $(T)/baselines-fmnist-curves.png
 
 lint: setup
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests
