@@ -124,7 +124,7 @@ def resumable(cfg: RunConfig) -> bool:
     from htfl_plugins.engine.loop import checkpoint_path
     from htfl_plugins.results.store import read_run
 
-    path = Path(cfg.out) / f"{cfg.name}.h5"
+    path = Cell(cfg.name, cfg).path
     if not checkpoint_path(path).is_file():
         return False
     try:
