@@ -265,6 +265,32 @@ def test_latent_loss_reaches_base_and_projection_not_head(digits_config):
     assert c.proj.weight.grad.abs().sum() > 0
 
 
+def _grads_of_step(c, x, y, one_pass):
+    c.model.zero_grad()
+    c.proj.zero_grad()
+    c._pair_order = torch.arange(len(c.pairs[0]))
+    c._one_pass = one_pass
+    loss = c._step_loss(x, y, transfer=True)
+    loss.backward()
+    params = list(c.model.parameters()) + list(c.proj.parameters())
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def test_one_pass_over_real_and_generated_images_is_the_two_pass_step(digits_config):
+    s, clients, server = parties(digits_config(algo="fedktl", models="FedAvgCNN,SmallCNN,MLP,ResNet4",
+                                               options=FAST))
+    _round(server, clients, 1)
+    for c in clients:
+        c.receive(server.broadcast(2, [c.cid])[c.cid])
+    assert [c._one_pass for c in clients] == [True, True, True, False]  # ResNet4 has BatchNorm
+    for c in clients[:3]:
+        x, y = c.data.x_train[:10], c.data.y_train[:10]
+        loss1, g1 = _grads_of_step(c, x, y, one_pass=True)
+        loss2, g2 = _grads_of_step(c, x, y, one_pass=False)
+        assert torch.allclose(loss1, loss2, rtol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
+
+
 @pytest.mark.parametrize("mode", ["keep", "reset"])
 def test_projection_head_modes(digits_config, mode):
     s, clients, server = _setup(digits_config, proj=mode)

@@ -26,6 +26,13 @@ class BaseHeadSplit(nn.Module):
         return self.head(self.base(x))
 
 
+def mixes_samples(model: nn.Module) -> bool:
+    """Whether a training-mode forward pass makes one sample's output depend on the
+    others in its batch (BatchNorm and its kin do; convolutions, pooling and
+    per-sample norms do not)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 class PoolTo(nn.Module):
     """Flatten and average-pool (or repeat) the features to ``width`` entries."""
 
