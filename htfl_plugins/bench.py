@@ -78,6 +78,7 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                                      **rn.get("options", {})}
                 values.setdefault("tag", rn.get("algo", ""))
                 values.setdefault("threads", 1)  # the same numbers whatever --jobs is
+                values.setdefault("executor", "sequential")  # cells share the cores through --jobs
                 if any(all(values.get(k) == v for k, v in ex.items()) for ex in excludes):
                     continue
                 sc_label = "_".join(f"{k}={v}" for k, v in sc.items() if k != "options") or "default"

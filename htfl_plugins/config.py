@@ -73,11 +73,13 @@ class RunConfig:
     seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
-    executor: str = opt("sequential", "who runs the clients' training and evaluation: sequential (this "
-                        "process), process (a pool of --workers processes, one torch thread each) or "
-                        "ray (--workers Ray actors, one CPU each; needs htfl[ray])",
-                        choices=["sequential", "process", "ray"])
-    workers: int = opt(2, "worker processes or Ray actors of --executor process/ray", min=1)
+    executor: str = opt("auto", "who runs the clients' training and evaluation: sequential (this "
+                        "process), process (a pool of --workers processes, one torch thread each), ray "
+                        "(--workers Ray actors, one CPU each; needs htfl[ray]) or auto (process on a CPU "
+                        "with two or more cores when two or more clients train per round, else sequential)",
+                        choices=["auto", "sequential", "process", "ray"])
+    workers: int = opt(0, "worker processes or Ray actors of --executor process/ray/auto (0: one per "
+                       "usable CPU core, at most one per client)", min=0)
     ray_address: str = opt("", "Ray cluster to join with --executor ray (e.g. ray://head:10001 or "
                            "auto; empty: start a local Ray instance)")
     client_state: str = opt("memory", "where clients live between rounds: memory (all live) or disk "

@@ -28,7 +28,8 @@ def digits_config(tmp_path):
 
     def make(**overrides) -> RunConfig:
         values = dict(algo="local", dataset="digits", partition="dir", alpha=0.5, clients=4,
-                      rounds=2, models="HtFE-cpu-3", out=str(tmp_path / "results"), seed=0)
+                      rounds=2, models="HtFE-cpu-3", out=str(tmp_path / "results"), seed=0,
+                      executor="sequential")
         values.update(overrides)
         return build(RunConfig, values, "setting(s)")
 

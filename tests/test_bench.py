@@ -28,7 +28,8 @@ def test_shipped_suites_parse_and_dry_run(suite, tmp_path, capsys):
     name, cells = load_suite(str(suite), str(tmp_path), get_plugins())
     assert name == suite.stem and len(cells) == EXPECTED[name]
     assert len({c.name for c in cells}) == len(cells)
-    assert all(c.config.threads == 1 for c in cells)  # same numbers whatever --jobs is
+    # the same numbers whatever --jobs is
+    assert all(c.config.threads == 1 and c.config.executor == "sequential" for c in cells)
     assert main(["bench", str(suite), "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{len(cells)} cells, ~" in out and "missing" in out and "local steps" in out

@@ -7,7 +7,7 @@ import pytest
 from htfl_plugins.cli import main
 from tests.helpers import htfl
 
-QUICK = ["--dataset", "digits", "--clients", "3", "--rounds", "1", "-q"]
+QUICK = ["--dataset", "digits", "--clients", "3", "--rounds", "1", "--executor", "sequential", "-q"]
 
 
 @pytest.mark.parametrize("args, message", [

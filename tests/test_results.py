@@ -20,7 +20,8 @@ def grid(tmp_path_factory):
         for alpha in (0.5, 5.0):
             for seed in (0, 1):
                 cfg = build(RunConfig, dict(algo=algo, dataset="digits", clients=3, rounds=2, alpha=alpha,
-                                            seed=seed, out=str(out), name=f"{algo}-{alpha}-{seed}"), "s")
+                                            seed=seed, out=str(out), name=f"{algo}-{alpha}-{seed}",
+                                            executor="sequential"), "s")
                 run(cfg, quiet=True)
     return out
 

@@ -84,6 +84,24 @@ def test_process_executor_with_disk_state_gives_the_sequential_curves(digits_con
     assert_same_curves(seq, par)
 
 
+@pytest.mark.parametrize("settings, cores, expected", [
+    (dict(), 2, ("process", 2)),                                   # 4 clients, 2 cores
+    (dict(), 16, ("process", 4)),                                  # never more workers than clients
+    (dict(), 1, ("sequential", 1)),                                # one core: nothing to share
+    (dict(workers=1), 8, ("sequential", 1)),
+    (dict(join_ratio=0.25), 8, ("sequential", 4)),                 # one client trains per round
+    (dict(device="meta"), 8, ("sequential", 4)),                   # an accelerator runs in this process
+    (dict(executor="sequential"), 8, ("sequential", 4)),
+    (dict(executor="process", workers=3), 1, ("process", 3)),      # asked for: obeyed
+])
+def test_auto_executor_shares_the_cores_only_when_it_pays(digits_config, monkeypatch, settings, cores, expected):
+    from htfl_plugins.engine import executors
+
+    monkeypatch.setattr(executors, "usable_cores", lambda: cores)
+    cfg = digits_config(**{"executor": "auto", **settings})
+    assert executors.resolve_executor(cfg) == expected
+
+
 @pytest.mark.parametrize("algo", ["local", "fedktl"])
 def test_ray_executor_gives_the_sequential_curves(digits_config, algo, monkeypatch):
     pytest.importorskip("ray")
@@ -122,7 +140,7 @@ def test_a_dead_worker_process_is_one_clear_error(digits_config):
         assert set(executor.evaluate(store, [0, 1])) == {0, 1}  # the workers are up
         for pid in list(executor.pool._processes):
             os.kill(pid, signal.SIGKILL)
-        with pytest.raises(HtflError, match="worker process of --executor process died"):
+        with pytest.raises(HtflError, match="a worker process died"):
             executor.train(store, [0, 1, 2], {}, None, 1)
     finally:
         executor.close()

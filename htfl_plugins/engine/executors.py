@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -252,8 +253,9 @@ class ProcessExecutor(_Tasks):
 
     @staticmethod
     def _died(exc) -> HtflError:
-        return HtflError(f"a worker process of --executor process died ({exc}); out of memory or killed? "
-                         "The last checkpoint can be resumed with `htfl resume`")
+        return HtflError(f"a worker process died ({exc}); out of memory or killed? (A script that "
+                         "starts runs needs `if __name__ == \"__main__\":` around them, or "
+                         "--executor sequential.) The last checkpoint can be resumed with `htfl resume`")
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
@@ -334,13 +336,34 @@ class RayExecutor(_Tasks):
         self.actors = []
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_executor(cfg) -> tuple[str, int]:
+    """(executor, workers) that ``cfg`` asks for, with ``auto`` and ``--workers 0``
+    decided for this machine. Worker processes run one torch thread each, so a
+    run gives the same numbers on any number of them (and as ``--threads 1``)."""
+    workers = min(cfg.workers or usable_cores(), cfg.clients)
+    kind = cfg.executor
+    if kind == "auto":
+        per_round = int(cfg.join_ratio * cfg.clients)
+        parallel = cfg.device == "cpu" and workers >= 2 and per_round >= 2
+        kind = "process" if parallel else "sequential"
+    return kind, workers
+
+
 def make_executor(cfg, setup):
     """The executor ``cfg.executor`` names, for the run ``setup`` describes."""
-    if cfg.executor == "sequential":
+    kind, workers = resolve_executor(cfg)
+    if kind == "sequential":
         return SequentialExecutor()
     meta, data = worker_meta(setup.ctx), setup.scenario.clients
-    if cfg.executor == "process":
-        return ProcessExecutor(cfg, cfg.workers, meta, data)
-    if cfg.executor == "ray":
-        return RayExecutor(cfg, cfg.workers, meta, data, cfg.ray_address)
-    raise HtflError(f"unknown executor {cfg.executor!r} (known: sequential, process, ray)")
+    if kind == "process":
+        return ProcessExecutor(cfg, workers, meta, data)
+    if kind == "ray":
+        return RayExecutor(cfg, workers, meta, data, cfg.ray_address)
+    raise HtflError(f"unknown executor {kind!r} (known: auto, sequential, process, ray)")
