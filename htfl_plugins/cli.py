@@ -143,7 +143,9 @@ def cmd_compare(args) -> int:
         traffic_table,
     )
 
-    df = load(args.paths)
+    if args.rounds is not None and args.rounds < 0:
+        raise HtflError(f"--rounds must be at least 0, got {args.rounds}")
+    df = load(args.paths, until=args.rounds)
     if args.table == "pivot":
         table, index = pivot_table(df, metric=args.metric), True
     elif args.table == "traffic":
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "per column in bold (the paper's layout); rounds: test accuracy after the rounds of "
                    "--at; traffic: elements up/down per round in millions; time: seconds per round")
     p.add_argument("--at", default="1,2,5,10,20,50", help="rounds table: comma-separated rounds")
+    p.add_argument("--rounds", type=int, help="read only rounds 0..N of every run, as if longer runs "
+                   "had stopped there (best and last accuracy within a budget of N rounds)")
     p.add_argument("--metric", choices=["best_acc", "last_acc", "best_auc"], default="best_acc",
                    help="the pivot table's cells")
     p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")

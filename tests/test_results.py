@@ -75,6 +75,17 @@ def test_rounds_table_gives_mean_and_std_after_each_round(grid, capsys):
     assert "--at wants comma-separated round numbers" in capsys.readouterr().err
 
 
+def test_a_round_budget_reads_longer_runs_as_if_they_had_stopped(grid, capsys):
+    full, cut = summarize(load(grid)), summarize(load(grid, until=1))
+    df = load(grid)
+    first = df[df["round"] <= 1].groupby("run")["test_acc"].max()
+    assert (cut.set_index("run")["best_acc"] == first).all()
+    assert (cut["rounds"] == 1).all() and (full["rounds"] == 2).all()
+    assert (cut["last_acc"].values != full["last_acc"].values).any()  # round 2 is really left out
+    assert main(["compare", str(grid), "--rounds", "-1"]) == 2
+    assert "--rounds must be at least 0" in capsys.readouterr().err
+
+
 def test_compare_cli_writes_tables_and_figures(grid, tmp_path, capsys):
     tex = tmp_path / "t.tex"
     assert main(["compare", str(grid), "--table", "pivot", "--format", "latex", "-o", str(tex),

@@ -33,9 +33,11 @@ def _expand(paths) -> list[Path]:
     return out
 
 
-def load(paths: str | Path | Iterable) -> pd.DataFrame:
+def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame:
     """One row per run and round: metrics, traffic, time, and the run's settings
-    (``algo``, ``dataset``, ``seed``, ...) and ``options`` as columns."""
+    (``algo``, ``dataset``, ``seed``, ...) and ``options`` as columns. ``until``
+    keeps rounds 0..until only, as if every longer run had stopped there (its
+    ``rounds`` becomes ``until``): a budget of rounds read from longer runs."""
     frames = []
     for path in _expand(paths):
         run = read_run(path)
@@ -50,6 +52,9 @@ def load(paths: str | Path | Iterable) -> pd.DataFrame:
             df[k] = cfg.get(k)
         opts = cfg.get("options") or {}
         df["options"] = ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+        if until is not None:
+            df = df[df["round"] <= until]
+            df["rounds"] = min(df["rounds"].iloc[0], until)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
