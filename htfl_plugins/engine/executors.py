@@ -345,8 +345,9 @@ def usable_cores() -> int:
 
 def resolve_executor(cfg) -> tuple[str, int]:
     """(executor, workers) that ``cfg`` asks for, with ``auto`` and ``--workers 0``
-    decided for this machine. Worker processes run one torch thread each, so a
-    run gives the same numbers on any number of them (and as ``--threads 1``)."""
+    decided for this machine. Worker processes run one torch thread each and
+    every client's update is seeded, so the number of workers never changes a
+    run's numbers."""
     workers = min(cfg.workers or usable_cores(), cfg.clients)
     kind = cfg.executor
     if kind == "auto":
