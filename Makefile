@@ -61,6 +61,9 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table rounds --at 1,2,5,10,20,50 -o $(T)/baselines-fmnist-rounds.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-time.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --plot $(T)/baselines-fmnist-curves.png
+	$(BIN)/htfl bench benchmarks/suites/fedktl-default-ablations.toml --out $(R) --jobs 2
+	$(BIN)/htfl compare $(R)/baselines-fmnist/Local_* $(R)/baselines-fmnist/FedKTL_monotone_* \
+	  $(R)/fedktl-default-ablations --rounds 20 -o $(T)/fedktl-default-ablations.md
 
 lint: setup
 	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests
