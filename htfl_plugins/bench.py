@@ -22,7 +22,9 @@ models = "HtM-img-10"
 A re-run skips cells whose file is finished, continues a cut-off cell from its
 last checkpoint (``checkpoint_every``, every 10 rounds by default) when the suite
 still gives it the same settings, and redoes any other; a cell that fails is
-reported and the others still run.
+reported and the others still run. A finished cell whose stored settings differ
+from what the suite now spells out stops the re-run before anything runs, so
+no result is overwritten or silently kept under settings it did not run with.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ DONE = {"finished", "stopped_early"}
 class Cell:
     name: str
     config: RunConfig
+    given: tuple = ()  # the settings (and options) the suite spells out for this cell
 
     @property
     def path(self) -> Path:
@@ -76,6 +79,8 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                           "seed": seed, "out": str(folder)}
                 values["options"] = {**settings.get("options", {}), **sc.get("options", {}),
                                      **rn.get("options", {})}
+                given = tuple(k for k in values if k not in ("options", "out"))
+                given += tuple(f"options.{k}" for k in values["options"])
                 values.setdefault("tag", rn.get("algo", ""))
                 values.setdefault("threads", 1)  # the same numbers whatever --jobs is
                 values.setdefault("executor", "sequential")  # cells share the cores through --jobs
@@ -85,7 +90,7 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                 cell_name = _slug(f"{values['tag']}__{sc_label}__s{seed}")
                 values["name"] = cell_name
                 cfg = config_mod.build(RunConfig, values, f"setting(s) in {path}")
-                cells.append(Cell(cell_name, cfg))
+                cells.append(Cell(cell_name, cfg, given))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise HtflError(f"{path}: two cells share a name; give each [[runs]] a distinct tag")
@@ -108,15 +113,33 @@ def estimated_steps(cfg: RunConfig, plugins) -> int | None:
     return int(per_round * cfg.rounds)
 
 
+def _setting(config: dict, key: str):
+    group, _, name = key.rpartition(".")
+    return (config.get(group) or {}).get(name) if group else config.get(key)
+
+
+def changed_settings(cell: Cell, stored: dict) -> list[str]:
+    """The settings the suite spells out for ``cell`` that its stored run had
+    otherwise, as ``key: then → now``. A key the stored run lacks (a setting that
+    did not exist yet) is not counted."""
+    now = config_mod.to_dict(cell.config)
+    return [f"{key} {_setting(stored, key)!r} → {_setting(now, key)!r}" for key in cell.given
+            if _setting(stored, key) is not None and _setting(stored, key) != _setting(now, key)]
+
+
 def cell_status(cell: Cell) -> str:
+    """missing, unreadable, stale (finished with other settings than the suite
+    gives now), or the stored run's status (finished, running, ...)."""
     from htfl_plugins.results.store import read_run
 
     if not cell.path.is_file():
         return "missing"
     try:
-        return read_run(cell.path)["attrs"].get("status", "unknown")
+        saved = read_run(cell.path)
     except HtflError:
         return "unreadable"
+    status = saved["attrs"].get("status", "unknown")
+    return "stale" if status in DONE and changed_settings(cell, saved["config"]) else status
 
 
 def resumable(cfg: RunConfig) -> bool:
@@ -155,7 +178,16 @@ def _run_cell(cfg: RunConfig) -> str | None:
 def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
     """Run every cell not yet finished; ``jobs`` > 1 runs cells in parallel
     processes. Returns the cells that were run."""
-    todo = [c for c in cells if cell_status(c) not in DONE]
+    status = {c.name: cell_status(c) for c in cells}
+    stale = [c for c in cells if status[c.name] == "stale"]
+    if stale:
+        from htfl_plugins.results.store import read_run
+
+        first = changed_settings(stale[0], read_run(stale[0].path)["config"])
+        raise HtflError(f"{len(stale)} finished cell(s) in {stale[0].path.parent} ran with other settings "
+                        f"than the suite gives now ({stale[0].name}: {', '.join(first)}); move their files "
+                        "away, or give another --out, to run them with the suite's settings")
+    todo = [c for c in cells if status[c.name] not in DONE]
     log(f"{len(cells) - len(todo)} of {len(cells)} cells already finished; running {len(todo)}")
     if not todo:
         return []

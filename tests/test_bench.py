@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from htfl_plugins.bench import cell_status, load_suite, resumable, run_suite
+from htfl_plugins.bench import cell_status, changed_settings, load_suite, resumable, run_suite
 from htfl_plugins.cli import main
 from htfl_plugins.engine import run
 from htfl_plugins.plugins import get_plugins, load
@@ -73,6 +73,31 @@ def test_rerun_skips_finished_and_redoes_unfinished(tmp_path):
     assert {c.name for c in redone} == {cells[1].name, cells[2].name}
     assert {c.name: c.path.stat().st_mtime_ns for c in (cells[0], cells[3])} == before
     assert all(cell_status(c) == "finished" for c in cells)
+
+
+def test_a_finished_cell_under_changed_settings_stops_the_rerun(tmp_path):
+    suite = tmp_path / "edit.toml"
+    head = '[settings]\ndataset = "digits"\nclients = 3\nrounds = 1\n'
+    suite.write_text(head + '[[runs]]\nalgo = "fedproto"\noptions = { lam = 1.0 }\n')
+    _, (cell,) = load_suite(str(suite), str(tmp_path / "out"))
+    run_suite([cell], log=lambda *_: None)
+    stamp = cell.path.stat().st_mtime_ns
+    # settings the suite does not spell out, or spells out as they were, change nothing
+    suite.write_text(head + 'lr = 0.01\n[[runs]]\nalgo = "fedproto"\noptions = { lam = 1.0 }\n')
+    _, (same,) = load_suite(str(suite), str(tmp_path / "out"))
+    assert cell_status(same) == "finished" and run_suite([same], log=lambda *_: None) == []
+    suite.write_text(head + 'lr = 0.05\n[[runs]]\nalgo = "fedproto"\noptions = { lam = 2.0 }\n')
+    _, (edited,) = load_suite(str(suite), str(tmp_path / "out"))
+    assert cell_status(edited) == "stale"
+    from htfl_plugins.errors import HtflError
+
+    with pytest.raises(HtflError, match=r"1 finished cell\(s\) .* lr 0.01 → 0.05, options.lam 1.0 → 2.0"):
+        run_suite([edited], log=lambda *_: None)
+    assert cell.path.stat().st_mtime_ns == stamp  # the finished result is kept as it was
+    # a setting the stored run predates is not a change
+    stored = read_run(cell.path)["config"]
+    del stored["lr"]
+    assert changed_settings(edited, stored) == ["options.lam 1.0 → 2.0"]
 
 
 def test_a_cut_off_cell_continues_from_its_checkpoint(tmp_path):
