@@ -79,7 +79,7 @@ class RunConfig:
                         "with two or more cores when two or more clients train per round, else sequential)",
                         choices=["auto", "sequential", "process", "ray"])
     workers: int = opt(0, "worker processes or Ray actors of --executor process/ray/auto (0: one per "
-                       "usable CPU core, at most one per client)", min=0)
+                       "usable CPU core of this machine, at most one per client)", min=0)
     ray_address: str = opt("", "Ray cluster to join with --executor ray (e.g. ray://head:10001 or "
                            "auto; empty: start a local Ray instance)")
     client_state: str = opt("memory", "where clients live between rounds: memory (all live) or disk "
