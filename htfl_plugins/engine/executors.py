@@ -289,7 +289,8 @@ class RayExecutor(_Tasks):
         except ImportError:
             raise HtflError("--executor ray needs Ray: pip install 'htfl[ray]'") from None
         self.ray = ray
-        if not ray.is_initialized():
+        self.owns_ray = not ray.is_initialized()  # an instance this executor starts, it also stops
+        if self.owns_ray:
             check_reachable(address)
             try:
                 ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
@@ -334,6 +335,8 @@ class RayExecutor(_Tasks):
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
+        if self.owns_ray:
+            self.ray.shutdown()
 
 
 def usable_cores() -> int:
