@@ -110,6 +110,9 @@ def test_ray_executor_gives_the_sequential_curves(digits_config, algo, monkeypat
     seq = read_run(run(digits_config(name="seq", **settings), quiet=True))
     ray_run = read_run(run(digits_config(name="ray", executor="ray", workers=2, **settings), quiet=True))
     assert_same_curves(seq, ray_run)
+    import ray
+
+    assert not ray.is_initialized()  # the local instance the run started ended with it
 
 
 
