@@ -56,7 +56,7 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
 	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
 	$(BIN)/htfl bench benchmarks/suites/baselines-fmnist.toml --out $(R) --jobs 2 \
-	  --only '*_s0' 'Local_*' 'FedKTL_default_s2' 'FedKTL_monotone_*'
+	  --only '*_s0' 'Local_*' 'FedKTL_default_s2' 'FedKTL_monotone_*' 'LG-FedAvg_default_s1' 'FedGen_default_s1'
 	$(BIN)/htfl compare $(R)/baselines-fmnist -o $(T)/baselines-fmnist.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table rounds --at 1,2,5,10,20,50 -o $(T)/baselines-fmnist-rounds.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-time.md
