@@ -21,6 +21,12 @@ from htfl_plugins.data.types import ClientData, batches
 Payload = dict[str, torch.Tensor]
 
 
+def clients_per_round(n: int, join_ratio: float) -> int:
+    """How many of ``n`` clients a round selects (at least; ``--random-join`` may
+    take more): ``join_ratio``·n rounded down, never fewer than one."""
+    return max(1, int(n * join_ratio))
+
+
 def derive_seed(*parts: Any) -> int:
     """A stable 63-bit seed from any parts (run seed, role, client id, ...)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()

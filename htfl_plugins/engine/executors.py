@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from htfl_plugins.engine.base import derive_seed
+from htfl_plugins.engine.base import clients_per_round, derive_seed
 from htfl_plugins.engine.clients import ClientStore
 from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import HtflError
@@ -354,7 +354,7 @@ def resolve_executor(cfg) -> tuple[str, int]:
     workers = min(cfg.workers or usable_cores(), cfg.clients)
     kind = cfg.executor
     if kind == "auto":
-        per_round = int(cfg.join_ratio * cfg.clients)
+        per_round = clients_per_round(cfg.clients, cfg.join_ratio)
         parallel = cfg.device == "cpu" and workers >= 2 and per_round >= 2
         kind = "process" if parallel else "sequential"
     return kind, workers

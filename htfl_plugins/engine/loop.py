@@ -28,7 +28,7 @@ import torch
 from htfl_plugins import config as config_mod
 from htfl_plugins.config import RunConfig
 from htfl_plugins.data import load_scenario
-from htfl_plugins.engine.base import Payload, RunContext, derive_seed
+from htfl_plugins.engine.base import Payload, RunContext, clients_per_round, derive_seed
 from htfl_plugins.engine.clients import ClientStore, atomic_save, state_bytes
 from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor
 from htfl_plugins.engine.perf import tune_allocator
@@ -202,7 +202,7 @@ def check_upload(algo_name: str, cid: int, spec: dict, payload) -> None:
 
 # ------------------------------------------------------------------ selection
 def select_clients(rng: np.random.Generator, n: int, cfg: RunConfig) -> list[int]:
-    k = max(1, int(n * cfg.join_ratio))
+    k = clients_per_round(n, cfg.join_ratio)
     if cfg.random_join and k < n:
         k = int(rng.integers(k, n + 1))
     return sorted(rng.choice(n, size=k, replace=False).tolist())

@@ -53,8 +53,8 @@ def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame
         opts = cfg.get("options") or {}
         df["options"] = ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
         if until is not None:
-            df = df[df["round"] <= until]
-            df["rounds"] = min(df["rounds"].iloc[0], until)
+            df = df[df["round"] <= until].copy()
+            df["rounds"] = min(cfg["rounds"], until)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
