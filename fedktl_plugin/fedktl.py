@@ -182,8 +182,8 @@ class FedKTLClient(Client):
     def _step_loss(self, x, y, transfer: bool):
         """L^A on (x, y), plus μ·L^M on the next image–latent pairs. A model whose
         layers treat each sample on its own sees the real and the generated images
-        in one pass (the same loss and gradients up to summation order, 15–37%
-        less time per step at batch size 10); BatchNorm models see them in two,
+        in one pass (the same loss and gradients up to summation order, less
+        time per step: benchmarks/ktl_step.py); BatchNorm models see them in two,
         so neither batch's statistics mix."""
         if not transfer:
             return self.classification_loss(self.model(x), y)
