@@ -208,9 +208,9 @@ def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
         for c in todo:
             done(c, _run_cell(c.config))
     else:
-        import multiprocessing as mp
+        from htfl_plugins.engine.executors import spawn_pool
 
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        with spawn_pool(jobs) as pool:
             futures = {pool.submit(_run_cell, c.config): c for c in todo}
             for fut in cf.as_completed(futures):
                 done(futures[fut], fut.result())

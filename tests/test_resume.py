@@ -60,11 +60,24 @@ def test_interrupted_and_resumed_equals_uninterrupted(digits_config, algo):
     assert not checkpoint_path(path).exists()  # finished: nothing left to resume
 
 
+def _children(pid: int) -> set[int]:
+    return {int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
 def test_kill_9_mid_round_then_htfl_resume(tmp_path):
-    """A real kill -9 at an arbitrary point, then `htfl resume`: bit-identical curves."""
+    """A real kill -9 at an arbitrary point, then `htfl resume`: bit-identical curves.
+    The killed run's worker processes exit with it."""
     common = ["run", "--algo", "fedktl", "--dataset", "digits", "--clients", "4", "--rounds", "6",
               "--server-epochs", "20", "--save-images", "0", "--threads", "1", "--checkpoint-every", "1",
-              "-q", "--out", str(tmp_path)]
+              "--executor", "process", "--workers", "2", "-q", "--out", str(tmp_path)]
     env = dict(os.environ)
     assert main([*common, "--name", "straight"]) == 0
     proc = subprocess.Popen([sys.executable, "-m", "htfl_plugins.cli", *common, "--name", "killed"],
@@ -76,8 +89,14 @@ def test_kill_9_mid_round_then_htfl_resume(tmp_path):
             break
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere inside the next round
+    workers = _children(proc.pid)
+    assert workers  # the pool's processes (and multiprocessing's resource tracker)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "worker processes outlived their killed run"
     killed = read_run(h5)
     assert killed["attrs"]["status"] == "running" and len(killed["round"]) < 7
     assert main(["resume", str(h5), "-q"]) == 0

@@ -213,6 +213,34 @@ class _Tasks:
 _WORKER: dict = {}
 
 
+def _start_worker(initializer, initargs) -> None:
+    import threading
+    from multiprocessing import parent_process
+    from multiprocessing.connection import wait
+
+    parent = parent_process()
+    if parent is not None:
+        def exit_with_parent():
+            wait([parent.sentinel])  # readable once the parent is gone, however it died
+            os._exit(1)
+
+        threading.Thread(target=exit_with_parent, daemon=True, name="htfl-parent-watch").start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def spawn_pool(workers: int, initializer=None, initargs=()):
+    """A pool of spawned worker processes that exit when this process dies,
+    even by kill -9. (A spawned worker holds both ends of its task queue, so it
+    would otherwise wait for work forever, or finish a cell that a re-run of
+    the grid is redoing.)"""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                  initializer=_start_worker, initargs=(initializer, initargs))
+
+
 def _init_worker(cfg, meta) -> None:
     _WORKER["w"] = Worker(cfg, meta)
 
@@ -227,13 +255,9 @@ class ProcessExecutor(_Tasks):
     each). Client state travels both ways as its explicit ``state_dict``."""
 
     def __init__(self, cfg, workers: int, meta: dict, data: list):
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
         super().__init__(data)
         self.window = 2 * workers
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                           initializer=_init_worker, initargs=(cfg, meta))
+        self.pool = spawn_pool(workers, _init_worker, (cfg, meta))
 
     def submit(self, method: str, task):
         from concurrent.futures.process import BrokenProcessPool
