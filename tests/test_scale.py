@@ -115,6 +115,26 @@ def test_ray_executor_gives_the_sequential_curves(digits_config, algo, monkeypat
     assert not ray.is_initialized()  # the local instance the run started ended with it
 
 
+def test_a_ray_address_other_than_the_connected_cluster_is_refused(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from htfl_plugins.engine.executors import RayExecutor, same_host_port
+    from htfl_plugins.errors import HtflError
+
+    assert same_host_port("localhost:6379", "127.0.0.1:6379")
+    assert same_host_port("127.0.0.1:6379", "192.0.2.7:6379", own=("192.0.2.7",))
+    assert not same_host_port("127.0.0.1:6379", "192.0.2.7:6379")
+    assert not same_host_port("127.0.0.1:6379", "127.0.0.1:6380")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        connected = ray.get_runtime_context().gcs_address
+        with pytest.raises(HtflError, match=f"already connected to the Ray cluster at {connected}, "
+                                            "not --ray-address 127.0.0.1:1;"):
+            RayExecutor(None, 1, {}, [], address="127.0.0.1:1")
+    finally:
+        ray.shutdown()
+
+
 
 @pytest.mark.parametrize("env, applied", [("1", "True"), ("0", "False")])
 def test_allocator_tuning_applies_unless_switched_off(env, applied):

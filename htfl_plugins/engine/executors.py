@@ -302,6 +302,30 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                         "`ray start --head` or give the head's address") from None
 
 
+def same_host_port(a: str, b: str, own: tuple[str, ...] = ()) -> bool:
+    """Whether two ``host:port`` addresses name the same endpoint (names resolved;
+    loopback, this machine's name and the addresses in ``own`` count as one host)."""
+    import socket
+
+    def parse(address):
+        host, _, port = address.rpartition(":")
+        try:
+            ip = socket.gethostbyname(host)
+        except OSError:
+            ip = host
+        return ip, port
+
+    (ip_a, port_a), (ip_b, port_b) = parse(a), parse(b)
+    if port_a != port_b:
+        return False
+    try:
+        mine = set(socket.gethostbyname_ex(socket.gethostname())[2]) | set(own)
+    except OSError:
+        mine = set(own)
+    local = {ip for ip in (ip_a, ip_b) if ip.startswith("127.") or ip in mine}
+    return ip_a == ip_b or len(local) == 2
+
+
 class RayExecutor(_Tasks):
     """Clients on Ray actors (one CPU each) of a local Ray instance or of the
     cluster at ``--ray-address``. Downloads shared by several clients are put in
@@ -314,6 +338,12 @@ class RayExecutor(_Tasks):
             raise HtflError("--executor ray needs Ray: pip install 'htfl[ray]'") from None
         self.ray = ray
         self.owns_ray = not ray.is_initialized()  # an instance this executor starts, it also stops
+        if not self.owns_ray and address not in ("", "auto") and not address.startswith("ray://"):
+            connected = ray.get_runtime_context().gcs_address
+            if not same_host_port(address, connected, own=(ray.util.get_node_ip_address(),)):
+                raise HtflError(f"this process is already connected to the Ray cluster at {connected}, "
+                                f"not --ray-address {address}; call ray.shutdown() first, or leave "
+                                "--ray-address out to use the connected cluster")
         if self.owns_ray:
             check_reachable(address)
             try:
