@@ -30,8 +30,7 @@ data: $(FMNIST)
 run: setup data
 	$(BIN)/htfl run --algo fedktl
 
-test: setup data
-	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests benchmarks
+test: setup data lint
 	$(BIN)/python -m pytest -q
 
 # benchmarks/RESULTS.md: runs the suites (skipping finished cells) and writes the
@@ -66,7 +65,7 @@ bench: setup data
 	  $(R)/fedktl-default-ablations --rounds 20 -o $(T)/fedktl-default-ablations.md
 
 lint: setup
-	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests
+	$(BIN)/ruff check htfl_plugins fedktl_plugin baselines tests benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info
