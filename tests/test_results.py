@@ -9,6 +9,7 @@ from htfl_plugins.cli import main
 from htfl_plugins.config import RunConfig, build
 from htfl_plugins.engine import run
 from htfl_plugins.results import load, pivot_table, rounds_table, summarize, time_table, traffic_table
+from htfl_plugins.results.plots import _by_label
 from htfl_plugins.results.tables import render
 
 
@@ -54,14 +55,24 @@ def test_pivot_bolds_the_best_mean_of_each_column(grid):
     assert r"\textbf{" in latex and r"$\pm$" in latex and "**" not in latex
 
 
-def test_traffic_and_time_tables(grid):
+def test_traffic_and_time_tables_keep_scenarios_apart(grid):
     df = load(grid)
-    traffic = traffic_table(df)
-    assert traffic.loc["local", "upload (M)"] == 0
+    methods = list(dict.fromkeys(df["algo"]))  # rows: each method's scenarios together
+    traffic = traffic_table(df).reset_index().set_index(["method", "scenario"])
+    assert list(traffic.index) == [(m, s) for m in methods for s in ("alpha=0.5", "alpha=5.0")]
+    assert (traffic.loc["local", "upload (M)"] == 0).all()
     fd = df[(df["algo"] == "feddistill") & (df["round"] > 0)]
-    assert traffic.loc["feddistill", "upload (M)"] == pytest.approx(fd["upload_elements"].mean() / 1e6)
+    per_alpha = fd.groupby("alpha")["upload_elements"].mean() / 1e6
+    assert per_alpha[0.5] != per_alpha[5.0]  # fewer classes per client at alpha 0.5: fewer logits up
+    for alpha in (0.5, 5.0):
+        assert traffic.loc[("feddistill", f"alpha={alpha}"), "upload (M)"] == pytest.approx(per_alpha[alpha])
     times = time_table(df)
-    assert (times["total s/round"] > 0).all() and np.isfinite(times.values).all()
+    assert list(times.columns) == ["scenario", "train s/round", "eval s/round", "total s/round"]
+    assert (times["total s/round"] > 0).all() and np.isfinite(times.drop(columns="scenario").values).all()
+    one = time_table(df[df["alpha"] == 0.5])  # one scenario: one row per method, no scenario column
+    assert list(one.index) == methods and "scenario" not in one.columns
+    lines = [label for label, _ in _by_label(df)]  # curves too: one per method and scenario
+    assert lines == [f"{m} (alpha={a})" for m in methods for a in (0.5, 5.0)]
 
 
 def test_rounds_table_gives_mean_and_std_after_each_round(grid, capsys):

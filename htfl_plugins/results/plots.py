@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from htfl_plugins.results.tables import with_method
+from htfl_plugins.results.tables import with_scenario
+
+
+def _by_label(df: pd.DataFrame):
+    """(label, rows) per method, and per scenario where the runs cover several: the
+    label is then "method (scenario)"."""
+    runs = with_scenario(df)
+    runs["label"] = [f"{m} ({s})" if s else m for m, s in zip(runs["method"], runs["scenario"])]
+    return runs.groupby("label", sort=False)
 
 
 def _pyplot():
@@ -27,11 +35,12 @@ def _save(fig, path) -> Path:
 
 
 def plot_curves(df: pd.DataFrame, path, title: str = "") -> Path:
-    """Accuracy against round, mean over seeds with a ±std band, one line per method."""
+    """Accuracy against round, mean over seeds with a ±std band, one line per method
+    (and scenario)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     low = 100.0
-    for method, g in with_method(df.dropna(subset=["test_acc"])).groupby("method", sort=False):
+    for method, g in _by_label(df.dropna(subset=["test_acc"])):
         stats = g.groupby("round")["test_acc"].agg(["mean", "std"]).fillna(0.0) * 100
         ax.plot(stats.index, stats["mean"], label=method)
         ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
@@ -53,9 +62,8 @@ def plot_acc_vs_upload(df: pd.DataFrame, path, title: str = "") -> Path:
     from htfl_plugins.results.load import summarize
 
     plt = _pyplot()
-    runs = with_method(summarize(df))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, g in runs.groupby("method", sort=False):
+    for method, g in _by_label(summarize(df)):
         up = max(g["upload_bytes"].mean(), 1.0)
         acc = g["best_acc"] * 100
         ax.errorbar(up, acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else 0, fmt="o", capsize=3)

@@ -36,6 +36,32 @@ def _scenario_label(key, names) -> str:
     return " ".join(parts) or "default"
 
 
+def scenario_columns(df: pd.DataFrame) -> list[str]:
+    """The scenario keys on which the runs in ``df`` differ."""
+    return [c for c in SCENARIO_KEYS if df[c].nunique(dropna=False) > 1]
+
+
+def with_scenario(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`with_method` plus a ``scenario`` column that names each row's scenario by
+    the keys on which the runs differ ("" where they all share one), so that nothing
+    averages runs of different scenarios together."""
+    out = with_method(df)
+    cols = scenario_columns(out)
+    out["scenario"] = [_scenario_label(k, cols) for k in out[cols].itertuples(index=False, name=None)] if cols else ""
+    return out
+
+
+def _per_method(df: pd.DataFrame, row) -> pd.DataFrame:
+    """One row per method, and per scenario where the runs cover several (then with a
+    ``scenario`` column), of the dict ``row(rows of that group)``."""
+    runs = with_scenario(df)
+    several = runs["scenario"].nunique() > 1
+    order = {m: i for i, m in enumerate(dict.fromkeys(runs["method"]))}
+    out = [{"method": m, **({"scenario": s} if several else {}), **row(g)}
+           for (m, s), g in sorted(runs.groupby(["method", "scenario"], sort=False), key=lambda kg: order[kg[0][0]])]
+    return pd.DataFrame(out).set_index("method")
+
+
 def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """One row per group (default: method and scenario): mean ± std over seeds of best
     and last accuracy (%), bytes up/down and seconds per training round."""
@@ -57,7 +83,7 @@ def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
     """The paper's layout: rows are methods, columns scenarios, cells mean ± std (%)
     over seeds of ``metric``; the best mean of each column is wrapped in ``bold``."""
     runs = with_method(summarize(df))
-    cols = cols or [c for c in SCENARIO_KEYS if runs[c].nunique(dropna=False) > 1] or ["dataset"]
+    cols = cols or scenario_columns(runs) or ["dataset"]
     cells, means = {}, {}
     for rlabel, rg in runs.groupby("method", sort=False):
         for ckey, g in rg.groupby(cols, sort=False, dropna=False):
@@ -81,36 +107,22 @@ def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
 def traffic_table(df: pd.DataFrame) -> pd.DataFrame:
     """Elements (floats and int labels) sent per training round by all clients, in
     millions, as in the FedKTL paper's Table 5; and bytes."""
-    out = []
-    for method, g in with_method(df[df["round"] > 0]).groupby("method", sort=False):
-        out.append({"method": method,
-                    "upload (M)": g["upload_elements"].mean() / 1e6,
-                    "download (M)": g["download_elements"].mean() / 1e6,
-                    "upload MB": g["upload_bytes"].mean() / 1e6,
-                    "download MB": g["download_bytes"].mean() / 1e6})
-    return pd.DataFrame(out).set_index("method")
+    return _per_method(df[df["round"] > 0], lambda g: {
+        "upload (M)": g["upload_elements"].mean() / 1e6, "download (M)": g["download_elements"].mean() / 1e6,
+        "upload MB": g["upload_bytes"].mean() / 1e6, "download MB": g["download_bytes"].mean() / 1e6})
 
 
 def time_table(df: pd.DataFrame) -> pd.DataFrame:
     """Seconds per training round (local work + server) and per evaluation."""
-    out = []
-    for method, g in with_method(df[df["round"] > 0]).groupby("method", sort=False):
-        out.append({"method": method, "train s/round": g["train_seconds"].mean(),
-                    "eval s/round": g["eval_seconds"].dropna().mean(),
-                    "total s/round": g["round_seconds"].mean()})
-    return pd.DataFrame(out).set_index("method")
+    return _per_method(df[df["round"] > 0], lambda g: {
+        "train s/round": g["train_seconds"].mean(), "eval s/round": g["eval_seconds"].dropna().mean(),
+        "total s/round": g["round_seconds"].mean()})
 
 
 def rounds_table(df: pd.DataFrame, rounds: list[int], metric: str = "test_acc") -> pd.DataFrame:
     """Rows are methods, columns the given rounds, cells mean ± std (%) over seeds
     of ``metric`` after that many training rounds (– where a run has no such row)."""
-    runs = with_method(df)
-    table = pd.DataFrame("–", index=list(dict.fromkeys(runs["method"])), columns=[f"round {r}" for r in rounds])
-    for method, g in runs.groupby("method", sort=False):
-        for r in rounds:
-            table.loc[method, f"round {r}"] = _pm(g.loc[g["round"] == r, metric])
-    table.index.name = "method"
-    return table
+    return _per_method(df, lambda g: {f"round {r}": _pm(g.loc[g["round"] == r, metric]) for r in rounds})
 
 
 def render(table: pd.DataFrame, fmt: str, index: bool = True) -> str:
