@@ -8,7 +8,7 @@ import pytest
 from htfl_plugins.cli import main
 from htfl_plugins.config import RunConfig, build
 from htfl_plugins.engine import run
-from htfl_plugins.results import load, pivot_table, rounds_table, summarize, time_table, traffic_table
+from htfl_plugins.results import compare_table, load, pivot_table, rounds_table, summarize, time_table, traffic_table
 from htfl_plugins.results.plots import _by_label
 from htfl_plugins.results.tables import render
 
@@ -53,6 +53,13 @@ def test_pivot_bolds_the_best_mean_of_each_column(grid):
         assert float(mean_text) == pytest.approx(means[best] * 100, abs=0.006)
     latex = render(table, "latex")
     assert r"\textbf{" in latex and r"$\pm$" in latex and "**" not in latex
+
+
+def test_the_default_summary_keeps_every_scenario_key_that_differs(grid):
+    table = compare_table(load(grid))
+    assert list(table.columns[:6]) == ["method", "dataset", "partition", "clients", "models", "alpha"]
+    assert len(table) == 4 and (table["seeds"] == 2).all()  # 2 methods x 2 alphas, 2 seeds each
+    assert set(zip(table["method"], table["alpha"])) == {(m, a) for m in ("local", "feddistill") for a in (0.5, 5.0)}
 
 
 def test_traffic_and_time_tables_keep_scenarios_apart(grid):

@@ -63,10 +63,12 @@ def _per_method(df: pd.DataFrame, row) -> pd.DataFrame:
 
 
 def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """One row per group (default: method and scenario): mean ± std over seeds of best
-    and last accuracy (%), bytes up/down and seconds per training round."""
+    """One row per group (default: method and scenario, that is dataset, partition,
+    clients, models and any other scenario key on which the runs differ): mean ± std
+    over seeds of best and last accuracy (%), bytes up/down and seconds per training
+    round."""
     runs = with_method(summarize(df))
-    by = by or ["method", "dataset", "partition", "clients", "models"]
+    by = by or ["method", *dict.fromkeys(["dataset", "partition", "clients", "models", *scenario_columns(runs)])]
     out = []
     for key, g in runs.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
