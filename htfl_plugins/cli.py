@@ -133,6 +133,7 @@ def cmd_data(argv: list[str]) -> int:
 # ------------------------------------------------------------------ compare
 def cmd_compare(args) -> int:
     from htfl_plugins.results import load
+    from htfl_plugins.results.load import DONE
     from htfl_plugins.results.plots import plot_acc_vs_upload, plot_curves
     from htfl_plugins.results.tables import (
         compare_table,
@@ -146,6 +147,15 @@ def cmd_compare(args) -> int:
     if args.rounds is not None and args.rounds < 0:
         raise HtflError(f"--rounds must be at least 0, got {args.rounds}")
     df = load(args.paths, until=args.rounds)
+    if not args.unfinished:
+        left = df[~df["status"].isin(DONE)].groupby("run", sort=False)["status"].first()
+        if len(left) == df["run"].nunique():
+            raise HtflError(f"no run read has finished ({', '.join(sorted(set(left)))}); "
+                            "--unfinished reads them as far as they got")
+        if len(left):
+            print(f"left out {len(left)} unfinished run(s) (--unfinished keeps them): "
+                  + ", ".join(f"{r} ({s})" for r, s in left.items()), file=sys.stderr)
+            df = df[df["status"].isin(DONE)]
     if args.table == "pivot":
         table, index = pivot_table(df, metric=args.metric), True
     elif args.table == "traffic":
@@ -233,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="draw accuracy curves (mean ± std over seeds) to this image file")
     p.add_argument("--plot-upload", help="draw best accuracy against upload per round to this image file")
     p.add_argument("--by", help="summary table: comma-separated columns to group by "
-                   "(default method,dataset,partition,clients,models; method is the tag, else the "
-                   "algorithm)")
+                   "(default method,dataset,partition,clients,models and any other scenario setting "
+                   "on which the runs differ; method is the tag, else the algorithm)")
+    p.add_argument("--unfinished", action="store_true", help="also read runs that have not finished "
+                   "(running, interrupted, failed), as far as they got; by default they are left out")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark suite (TOML grid), skipping finished cells")
     p.add_argument("suite", help="suite file, e.g. benchmarks/suites/fedktl-ablations.toml")

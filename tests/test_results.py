@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import h5py
 import numpy as np
 import pytest
 
@@ -123,3 +126,30 @@ def test_foreign_hdf5_is_refused_in_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "theirs.h5")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not an htfl result file" in err
+
+
+def test_two_folders_with_the_same_file_names_stay_separate_runs(grid, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(grid / "local-0.5-0.h5", other / "local-0.5-0.h5")
+    runs = summarize(load([grid / "local-0.5-0.h5", other / "local-0.5-0.h5"]))
+    assert len(runs) == 2 and (runs["rounds_done"] == 2).all()  # not one run of 6 rows
+
+
+def test_compare_leaves_out_unfinished_runs_unless_asked(grid, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("local-0.5-0", "local-0.5-1"):
+        shutil.copy(grid / f"{name}.h5", folder / f"{name}.h5")
+    with h5py.File(folder / "local-0.5-1.h5", "r+") as f:
+        f.attrs["status"] = "running"
+    capsys.readouterr()
+    assert main(["compare", str(folder)]) == 0
+    out = capsys.readouterr()
+    assert "left out 1 unfinished run(s)" in out.err and "local-0.5-1 (running)" in out.err
+    assert main(["compare", str(folder), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split(",")[5] == "1"  # seeds: the finished one only
+    assert main(["compare", str(folder), "--format", "csv", "--unfinished"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split(",")[5] == "2"
+    assert main(["compare", str(folder / "local-0.5-1.h5")]) == 2
+    assert "no run read has finished (running); --unfinished reads them" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from htfl_plugins.results.store import SCALARS, read_run
 
 META = ["tag", "algo", "dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot",
         "rounds", "local_epochs", "batch_size", "lr", "seed"]
+DONE = ("finished", "stopped_early")  # statuses of runs that ran to their end
 
 
 def _expand(paths) -> list[Path]:
@@ -35,17 +36,20 @@ def _expand(paths) -> list[Path]:
 
 def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame:
     """One row per run and round: metrics, traffic, time, and the run's settings
-    (``algo``, ``dataset``, ``seed``, ...) and ``options`` as columns. ``until``
+    (``algo``, ``dataset``, ``seed``, ...), ``options`` and ``status`` as columns
+    (``run`` is the file's stem, or its path where two files share a stem). ``until``
     keeps rounds 0..until only, as if every longer run had stopped there (its
     ``rounds`` becomes ``until``): a budget of rounds read from longer runs."""
     frames = []
-    for path in _expand(paths):
+    files = _expand(paths)
+    stems = pd.Series([f.stem for f in files])
+    for path, clash in zip(files, stems.duplicated(keep=False)):
         run = read_run(path)
         cfg = run["config"]
         df = pd.DataFrame({k: run[k] for k in SCALARS if k in run})
         for k, v in run["extra"].items():
             df[k] = v
-        df.insert(0, "run", path.stem)
+        df.insert(0, "run", str(path) if clash else path.stem)  # two folders' a.h5 stay two runs
         df["path"] = str(path)
         df["status"] = run["attrs"].get("status", "")
         for k in META:
