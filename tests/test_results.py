@@ -153,3 +153,10 @@ def test_compare_leaves_out_unfinished_runs_unless_asked(grid, tmp_path, capsys)
     assert capsys.readouterr().out.splitlines()[1].split(",")[5] == "2"
     assert main(["compare", str(folder / "local-0.5-1.h5")]) == 2
     assert "no run read has finished (running); --unfinished reads them" in capsys.readouterr().err
+
+
+def test_a_run_cut_off_before_its_first_evaluation_summarizes_without_error(grid):
+    df = load(grid / "local-0.5-0.h5")
+    df["test_acc"] = np.nan  # as read with --unfinished from a run killed during round 0
+    row = summarize(df).iloc[0]
+    assert np.isnan(row["best_acc"]) and np.isnan(row["last_acc"]) and row["best_round"] == -1

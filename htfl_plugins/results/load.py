@@ -73,8 +73,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "run": run, **{k: first[k] for k in META}, "options": first["options"],
             "status": first["status"], "rounds_done": int(g["round"].max()),
-            "best_acc": evald["test_acc"].max(), "best_round": int(evald.loc[evald["test_acc"].idxmax(), "round"]),
-            "last_acc": evald["test_acc"].iloc[-1], "best_auc": evald["test_auc"].max(),
+            "best_acc": evald["test_acc"].max(),
+            "best_round": int(evald.loc[evald["test_acc"].idxmax(), "round"]) if len(evald) else -1,
+            "last_acc": evald["test_acc"].iloc[-1] if len(evald) else np.nan, "best_auc": evald["test_auc"].max(),
             "upload_bytes": trained["upload_bytes"].mean() if len(trained) else 0.0,
             "download_bytes": trained["download_bytes"].mean() if len(trained) else 0.0,
             "round_seconds": trained["round_seconds"].mean() if len(trained) else np.nan,
