@@ -40,6 +40,17 @@ def test_load_is_long_form_with_settings(grid):
     assert runs.set_index("run").loc["local-0.5-0", "best_acc"] == one["test_acc"].max()
 
 
+def test_pivot_orders_numeric_scenarios_by_value_and_named_ones_as_they_come(grid):
+    df = load(grid)
+    df["alpha"] = df["alpha"].map({0.5: 50.0, 5.0: 5.0})
+    assert df.drop_duplicates("run")["alpha"].iloc[0] == 50.0  # the files give alpha 50 first
+    assert list(pivot_table(df).columns) == ["alpha=5.0", "alpha=50.0"]
+    named = load(grid)
+    named["partition"] = named["alpha"].map({0.5: "pat", 5.0: "dir"})
+    named["alpha"] = 0.1
+    assert list(pivot_table(named).columns) == ["pat", "dir"]
+
+
 def test_pivot_bolds_the_best_mean_of_each_column(grid):
     df = load(grid)
     table = pivot_table(df)

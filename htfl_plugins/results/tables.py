@@ -4,6 +4,8 @@ time tables."""
 
 from __future__ import annotations
 
+import numbers
+
 import pandas as pd
 
 from htfl_plugins.results.load import summarize
@@ -34,6 +36,22 @@ def _scenario_label(key, names) -> str:
     key = key if isinstance(key, tuple) else (key,)
     parts = [f"{n}={v}" if n in ("alpha", "clients", "join_ratio", "few_shot") else str(v) for n, v in zip(names, key)]
     return " ".join(parts) or "default"
+
+
+def _column_order(keys: list) -> list:
+    """Scenario keys with numeric parts ascending (``clients=50`` before
+    ``clients=100``, whatever the file names' order) and named parts in the order
+    they first appear."""
+    tuples = [k if isinstance(k, tuple) else (k,) for k in keys]
+    seen: list[dict] = [{} for _ in tuples[0]] if tuples else []
+
+    def part(i, v):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool) and pd.notna(v):
+            return (0, v)
+        return (1, seen[i].setdefault("nan" if pd.isna(v) else v, len(seen[i])))
+
+    ranks = [tuple(part(i, v) for i, v in enumerate(t)) for t in tuples]
+    return [k for _, k in sorted(zip(ranks, keys), key=lambda rk: rk[0])]
 
 
 def scenario_columns(df: pd.DataFrame) -> list[str]:
@@ -86,14 +104,15 @@ def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
     over seeds of ``metric``; the best mean of each column is wrapped in ``bold``."""
     runs = with_method(summarize(df))
     cols = cols or scenario_columns(runs) or ["dataset"]
-    cells, means = {}, {}
+    cells, means, keys = {}, {}, {}
     for rlabel, rg in runs.groupby("method", sort=False):
         for ckey, g in rg.groupby(cols, sort=False, dropna=False):
             clabel = _scenario_label(ckey, cols)
+            keys.setdefault(ckey, clabel)
             cells[(rlabel, clabel)] = _pm(g[metric])
             means[(rlabel, clabel)] = g[metric].mean()
     row_labels = list(dict.fromkeys(r for r, _ in cells))
-    col_labels = list(dict.fromkeys(c for _, c in cells))
+    col_labels = [keys[k] for k in _column_order(list(keys))]
     table = pd.DataFrame("–", index=row_labels, columns=col_labels)
     for (r, c), text in cells.items():
         table.loc[r, c] = text
