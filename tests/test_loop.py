@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ class ToyClient(Client):
             self.optimizer.zero_grad()
             self.training_loss(x, y).backward()
             self.optimizer.step()
+        if self.options.bad == "inf1-nan-weights" and self.cid == 1:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
         return 0.5
 
     def upload(self):
@@ -51,7 +55,7 @@ class ToyClient(Client):
             return {"vec": self.data.x_train[:4].flatten()}
         if self.options.bad == "dtype":
             return {"vec": torch.zeros(self.options.size, dtype=torch.float64)}
-        if self.options.bad == "inf":
+        if self.options.bad == "inf" or (self.options.bad.startswith("inf1") and self.cid == 1):
             return {"vec": torch.full((self.options.size,), float("inf"))}
         return {"vec": torch.zeros(self.options.size), "count": torch.tensor([self.batches_done])}
 
@@ -187,6 +191,22 @@ def test_a_failing_client_is_dropped_counted_and_restored(digits_config, toy_plu
     # its state went back to before each round: it never changes
     assert len(set(r["client_test_acc"][:, 1])) == 1
     assert "client 1 (SmallCNN) failed and is left out of this round: RuntimeError: disk on fire" in caplog.text
+
+
+@pytest.mark.parametrize("bad, kept", [("inf1", True), ("inf1-nan-weights", False)])
+def test_a_non_finite_upload_keeps_the_local_training_only_if_the_model_stayed_finite(
+        digits_config, toy_plugins, bad, kept):
+    from htfl_plugins.engine.executors import Failure, local_update
+
+    _, clients, _ = parties_of(digits_config(algo="toy", options={"bad": bad}), toy_plugins)
+    before = copy.deepcopy(clients[1].state_dict())
+    result = local_update(clients[1], None, None, 1)
+    assert isinstance(result, Failure) and "upload 'vec' holds NaN or Inf" in result.reason
+    after = clients[1].state_dict()
+    same = all(torch.equal(a, b) for a, b in zip(before["model"].values(), after["model"].values()))
+    assert same != kept
+    assert torch.isfinite(next(clients[1].model.parameters())).all()
+    assert not isinstance(local_update(clients[0], None, None, 1), Failure)
 
 
 def test_stragglers_do_part_of_their_work(digits_config, toy_plugins, monkeypatch):

@@ -2,8 +2,13 @@
 upload) and the evaluation of every client.
 
 A local update that raises, or whose loss or upload is not finite, is a client
-failure: the client's state is put back as it was before the round and the
-failure is reported to the loop, which drops the client from the round.
+failure, reported to the loop, which drops the client from the round. The
+client's state is put back as it was before the round, except after a finite
+training loss that left every model of the client finite: then only the
+upload is dropped and the local training is kept. (Restoring it would replay
+the same update, with the same shuffles, into the same non-finite upload every
+round; eval-mode BatchNorm statistics of a barely trained ResNet are the usual
+cause, and they settle with more local training.)
 
 Every local update starts from torch's global RNG seeded by (run seed, round,
 client), so where it runs (this process, a worker process, a Ray actor on
@@ -50,7 +55,8 @@ class Update:
 
 
 def local_update(client, payload, budget: int | None, round: int):
-    """One client's round: an Update, or a Failure (state restored)."""
+    """One client's round: an Update, or a Failure (state restored unless only
+    the upload was non-finite and every model of the client stayed finite)."""
     snapshot = copy.deepcopy(client.state_dict())
     client.batch_budget = budget
     torch.manual_seed(derive_seed(client.cfg.seed, "local", round, client.cid))
@@ -58,14 +64,9 @@ def local_update(client, payload, budget: int | None, round: int):
         if payload is not None:
             client.receive(payload)
         loss = float(client.train())
-        upload = client.upload()
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss})")
-        if isinstance(upload, dict):
-            for name, t in upload.items():
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise FloatingPointError(f"upload {name!r} holds NaN or Inf values")
-        return Update(loss, upload, client.upload_spec())
+        upload = client.upload()
     except HtflError:
         raise
     except Exception as exc:  # a client's fault, not the run's
@@ -73,6 +74,25 @@ def local_update(client, payload, budget: int | None, round: int):
         return Failure(f"{type(exc).__name__}: {exc}")
     finally:
         client.batch_budget = None
+    bad = [name for name, t in (upload.items() if isinstance(upload, dict) else ())
+           if not _finite(t)]
+    if bad:
+        modules = [m for m in vars(client).values() if isinstance(m, torch.nn.Module)]
+        if not _finite([m.state_dict() for m in modules]):
+            client.load_state_dict(snapshot)
+        return Failure(f"FloatingPointError: upload {bad[0]!r} holds NaN or Inf values")
+    return Update(loss, upload, client.upload_spec())
+
+
+def _finite(obj) -> bool:
+    """No NaN or Inf in any floating-point tensor of ``obj`` (nested dicts, lists)."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_finite(v) for v in obj)
+    return True
 
 
 def client_eval(cl) -> dict:
