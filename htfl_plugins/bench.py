@@ -37,9 +37,8 @@ from pathlib import Path
 
 from htfl_plugins import config as config_mod
 from htfl_plugins.config import RunConfig
-from htfl_plugins.errors import HtflError
-
-DONE = {"finished", "stopped_early"}
+from htfl_plugins.errors import Diverged, HtflError
+from htfl_plugins.results.load import DONE
 
 
 @dataclass
@@ -162,16 +161,18 @@ def resumable(cfg: RunConfig) -> bool:
     return stored == now and all(stored_options.get(k) == v for k, v in options.items())
 
 
-def _run_cell(cfg: RunConfig) -> str | None:
+def _run_cell(cfg: RunConfig) -> tuple[str, str] | None:
     """Run one cell, continuing a cut-off one from its checkpoint (resumed runs
-    give exactly the curves of uninterrupted ones); a user-level error is returned
-    as text, not raised."""
+    give exactly the curves of uninterrupted ones). A user-level error comes back
+    as ("failed", text), a diverged run as ("diverged", text): not raised."""
     from htfl_plugins.engine import run
 
     try:
         run(cfg, quiet=True, resume=resumable(cfg))
+    except Diverged as exc:
+        return "diverged", str(exc)
     except HtflError as exc:
-        return str(exc)
+        return "failed", str(exc)
     return None
 
 
@@ -197,12 +198,14 @@ def run_suite(cells: list[Cell], jobs: int = 1, log=print) -> list[Cell]:
     start = time.perf_counter()
     failed = []
 
-    def done(cell, error):
+    def done(cell, outcome):
         bar.set_description(cell.name)
         bar.update(1)
-        if error:
-            failed.append(cell)
-            bar.write(f"cell {cell.name} failed: {error}")
+        if outcome:
+            kind, text = outcome
+            if kind == "failed":
+                failed.append(cell)
+            bar.write(f"cell {cell.name} {kind}: {text}" + (" (kept as its result)" if kind == "diverged" else ""))
 
     if jobs <= 1:
         for c in todo:

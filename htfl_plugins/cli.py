@@ -136,6 +136,7 @@ def cmd_compare(args) -> int:
     from htfl_plugins.results.load import DONE
     from htfl_plugins.results.plots import plot_acc_vs_upload, plot_curves
     from htfl_plugins.results.tables import (
+        DIVERGED_NOTE,
         compare_table,
         pivot_table,
         render,
@@ -171,6 +172,11 @@ def cmd_compare(args) -> int:
     else:
         table, index = compare_table(df, by=args.by.split(",") if args.by else None), False
     text = render(table, args.format, index=index)
+    if "†" in text:
+        if args.format == "markdown":
+            text += "\n\n" + DIVERGED_NOTE
+        else:
+            print(DIVERGED_NOTE, file=sys.stderr)
     print(text)
     if args.output:
         Path(args.output).write_text(text + ("" if text.endswith("\n") else "\n"))

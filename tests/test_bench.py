@@ -136,3 +136,20 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path):
     with pytest.raises(HtflError, match="1 of 2 cells failed"):
         run_suite(cells, log=lambda *_: None)
     assert cell_status(cells[1]) == "finished" and cell_status(cells[0]) == "missing"
+
+
+def test_a_diverged_cell_is_a_result_kept_and_marked(tmp_path, capsys):
+    suite = tmp_path / "wild.toml"
+    suite.write_text('[settings]\ndataset = "digits"\nclients = 3\nrounds = 2\n'
+                     '[[runs]]\ntag = "wild"\nalgo = "local"\nlr = 1e12\n[[runs]]\nalgo = "local"\n')
+    _, cells = load_suite(str(suite), str(tmp_path / "out"))
+    assert len(run_suite(cells, log=lambda *_: None)) == 2  # no error: divergence is an outcome
+    assert "cell wild_default_s0 diverged: round 1: 3 of 3 clients failed" in capsys.readouterr().out
+    assert [cell_status(c) for c in cells] == ["diverged", "finished"]
+    assert not list(cells[0].path.parent.glob("*.ckpt"))
+    assert run_suite(cells, log=lambda *_: None) == []  # not redone
+    assert main(["compare", str(cells[0].path.parent), "--table", "pivot", "--metric", "last_acc"]) == 0
+    out = capsys.readouterr().out
+    wild, local = (next(ln for ln in out.splitlines() if ln.startswith(f"| {m} ")) for m in ("wild", "local"))
+    assert "†" in wild and "**" not in wild and "**" in local and "†" not in local
+    assert "† a run of this cell diverged" in out

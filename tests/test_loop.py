@@ -13,7 +13,7 @@ import torch
 
 from htfl_plugins import __version__, hookimpl
 from htfl_plugins.engine import Client, Server, run
-from htfl_plugins.errors import HtflError
+from htfl_plugins.errors import Diverged, HtflError
 from htfl_plugins.plugins import load
 from htfl_plugins.results import read_run
 
@@ -174,12 +174,13 @@ def test_bad_uploads_and_losses_are_refused(digits_config, toy_plugins, bad, mes
         run(digits_config(algo="toy", options={"bad": bad}), plugins=toy_plugins, quiet=True)
 
 
-def test_failed_run_keeps_its_finished_rounds(digits_config, toy_plugins, tmp_path):
-    with pytest.raises(HtflError):
-        run(digits_config(algo="toy", options={"bad": "nan"}, name="f"), plugins=toy_plugins, quiet=True)
+def test_diverged_run_keeps_its_finished_rounds(digits_config, toy_plugins, tmp_path):
+    with pytest.raises(Diverged):
+        run(digits_config(algo="toy", options={"bad": "nan"}, name="f", checkpoint_every=1),
+            plugins=toy_plugins, quiet=True)
     r = read_run(tmp_path / "results" / "f.h5")
-    assert r["attrs"]["status"] == "failed" and list(r["round"]) == [0]
-    assert not list((tmp_path / "results").glob("*.tmp"))
+    assert r["attrs"]["status"] == "diverged" and list(r["round"]) == [0]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["f.h5"]  # no .tmp, no checkpoint
 
 
 def test_a_failing_client_is_dropped_counted_and_restored(digits_config, toy_plugins, caplog):

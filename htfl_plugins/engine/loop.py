@@ -32,7 +32,7 @@ from htfl_plugins.engine.base import Payload, RunContext, clients_per_round, der
 from htfl_plugins.engine.clients import ClientStore, atomic_save, state_bytes
 from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor
 from htfl_plugins.engine.perf import tune_allocator
-from htfl_plugins.errors import HtflError
+from htfl_plugins.errors import Diverged, HtflError
 from htfl_plugins.results.store import RunRecord
 
 log = logging.getLogger("htfl")
@@ -255,7 +255,7 @@ def train_round(algo_name: str, server, clients, executor, r: int, selected: lis
         uploads[cid] = payload
     if traffic.failed and len(traffic.failed) > failure_tolerance * len(selected):
         cid, reason = traffic.failed[0]
-        raise HtflError(f"round {r}: {len(traffic.failed)} of {len(selected)} clients failed, more than "
+        raise Diverged(f"round {r}: {len(traffic.failed)} of {len(selected)} clients failed, more than "
                         f"--failure-tolerance {failure_tolerance} allows (client {cid} "
                         f"({store.arch(cid)}): {reason}); lower --lr or check the {algo_name} options")
     server.update(r, uploads)
@@ -279,6 +279,13 @@ def checkpoint_path(result: Path) -> Path:
 def client_snapshots(ckpt: Path) -> list[Path]:
     """The folders of disk-kept client states beside a checkpoint (``<ckpt>.r<round>.clients``)."""
     return sorted(ckpt.parent.glob(glob.escape(ckpt.name) + ".r*.clients"))
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint and its disk-kept client snapshots."""
+    ckpt.unlink(missing_ok=True)
+    for folder in client_snapshots(ckpt):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def client_folder(result: Path) -> Path:
@@ -421,9 +428,11 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
                 break
         else:
             status = "finished"
-        ckpt.unlink(missing_ok=True)  # a finished run has nothing to resume
-        for folder in client_snapshots(ckpt):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_checkpoint(ckpt)  # a finished run has nothing to resume
+    except Diverged:
+        status = "diverged"  # a result: resuming would diverge again
+        remove_checkpoint(ckpt)
+        raise
     except KeyboardInterrupt:
         status = "interrupted"
         raise

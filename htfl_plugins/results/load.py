@@ -14,7 +14,7 @@ from htfl_plugins.results.store import SCALARS, read_run
 
 META = ["tag", "algo", "dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot",
         "rounds", "local_epochs", "batch_size", "lr", "seed"]
-DONE = ("finished", "stopped_early")  # statuses of runs that ran to their end
+DONE = ("finished", "stopped_early", "diverged")  # statuses of runs that ran to their end
 
 
 def _expand(paths) -> list[Path]:

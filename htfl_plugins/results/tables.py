@@ -11,6 +11,8 @@ import pandas as pd
 from htfl_plugins.results.load import summarize
 
 SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot"]
+DIVERGED_NOTE = ("† a run of this cell diverged (more than --failure-tolerance of a round's clients "
+                 "failed); its accuracy is what it had reached by then")
 
 
 def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
@@ -20,6 +22,11 @@ def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
     if len(v) == 1:
         return f"{v.iloc[0]:.{digits}f}"
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def _cell(g: pd.DataFrame, metric: str) -> str:
+    """mean ± std (%) of one table cell's runs, marked † if one of them diverged."""
+    return _pm(g[metric]) + (" †" if (g["status"] == "diverged").any() else "")
 
 
 def with_method(df: pd.DataFrame) -> pd.DataFrame:
@@ -91,7 +98,7 @@ def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame
     for key, g in runs.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         out.append({**dict(zip(by, key)), "seeds": len(g),
-                    "best_acc": _pm(g["best_acc"]), "last_acc": _pm(g["last_acc"]),
+                    "best_acc": _cell(g, "best_acc"), "last_acc": _cell(g, "last_acc"),
                     "upload_bytes/round": g["upload_bytes"].mean(),
                     "download_bytes/round": g["download_bytes"].mean(),
                     "s/round": g["round_seconds"].mean()})
@@ -101,7 +108,8 @@ def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame
 def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
                 bold: str = "**{}**") -> pd.DataFrame:
     """The paper's layout: rows are methods, columns scenarios, cells mean ± std (%)
-    over seeds of ``metric``; the best mean of each column is wrapped in ``bold``."""
+    over seeds of ``metric``; the best mean of each column is wrapped in ``bold``
+    (cells with a diverged run are marked † and never bold)."""
     runs = with_method(summarize(df))
     cols = cols or scenario_columns(runs) or ["dataset"]
     cells, means, keys = {}, {}, {}
@@ -109,8 +117,9 @@ def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
         for ckey, g in rg.groupby(cols, sort=False, dropna=False):
             clabel = _scenario_label(ckey, cols)
             keys.setdefault(ckey, clabel)
-            cells[(rlabel, clabel)] = _pm(g[metric])
-            means[(rlabel, clabel)] = g[metric].mean()
+            cells[(rlabel, clabel)] = _cell(g, metric)
+            if not (g["status"] == "diverged").any():
+                means[(rlabel, clabel)] = g[metric].mean()
     row_labels = list(dict.fromkeys(r for r, _ in cells))
     col_labels = [keys[k] for k in _column_order(list(keys))]
     table = pd.DataFrame("–", index=row_labels, columns=col_labels)
