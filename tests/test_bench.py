@@ -148,6 +148,11 @@ def test_a_diverged_cell_is_a_result_kept_and_marked(tmp_path, capsys):
     assert [cell_status(c) for c in cells] == ["diverged", "finished"]
     assert not list(cells[0].path.parent.glob("*.ckpt"))
     assert run_suite(cells, log=lambda *_: None) == []  # not redone
+    from htfl_plugins.results import load
+    from htfl_plugins.results.load import summarize
+
+    errors = sorted(summarize(load(cells[0].path.parent))["error"])
+    assert errors[0] == "" and errors[1].startswith("round 1: 3 of 3 clients failed")
     assert main(["compare", str(cells[0].path.parent), "--table", "pivot", "--metric", "last_acc"]) == 0
     out = capsys.readouterr().out
     wild, local = (next(ln for ln in out.splitlines() if ln.startswith(f"| {m} ")) for m in ("wild", "local"))

@@ -180,6 +180,7 @@ def test_diverged_run_keeps_its_finished_rounds(digits_config, toy_plugins, tmp_
             plugins=toy_plugins, quiet=True)
     r = read_run(tmp_path / "results" / "f.h5")
     assert r["attrs"]["status"] == "diverged" and list(r["round"]) == [0]
+    assert r["attrs"]["error"].startswith("round 1: 4 of 4 clients failed")
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["f.h5"]  # no .tmp, no checkpoint
 
 

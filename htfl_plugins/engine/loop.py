@@ -429,12 +429,16 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
         else:
             status = "finished"
         remove_checkpoint(ckpt)  # a finished run has nothing to resume
-    except Diverged:
+    except Diverged as exc:
         status = "diverged"  # a result: resuming would diverge again
+        record.extra_attrs["error"] = str(exc)
         remove_checkpoint(ckpt)
         raise
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except Exception as exc:
+        record.extra_attrs["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         executor.close()

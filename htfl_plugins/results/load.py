@@ -36,7 +36,7 @@ def _expand(paths) -> list[Path]:
 
 def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame:
     """One row per run and round: metrics, traffic, time, and the run's settings
-    (``algo``, ``dataset``, ``seed``, ...), ``options`` and ``status`` as columns
+    (``algo``, ``dataset``, ``seed``, ...), ``options``, ``status`` and ``error`` as columns
     (``run`` is the file's stem, or its path where two files share a stem). ``until``
     keeps rounds 0..until only, as if every longer run had stopped there (its
     ``rounds`` becomes ``until``): a budget of rounds read from longer runs."""
@@ -52,6 +52,7 @@ def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame
         df.insert(0, "run", str(path) if clash else path.stem)  # two folders' a.h5 stay two runs
         df["path"] = str(path)
         df["status"] = run["attrs"].get("status", "")
+        df["error"] = run["attrs"].get("error", "")
         for k in META:
             df[k] = cfg.get(k)
         opts = cfg.get("options") or {}
@@ -72,7 +73,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         first = g.iloc[0]
         rows.append({
             "run": run, **{k: first[k] for k in META}, "options": first["options"],
-            "status": first["status"], "rounds_done": int(g["round"].max()),
+            "status": first["status"], "error": first["error"], "rounds_done": int(g["round"].max()),
             "best_acc": evald["test_acc"].max(),
             "best_round": int(evald.loc[evald["test_acc"].idxmax(), "round"]) if len(evald) else -1,
             "last_acc": evald["test_acc"].iloc[-1] if len(evald) else np.nan, "best_auc": evald["test_auc"].max(),
