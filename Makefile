@@ -59,7 +59,7 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table rounds --at 1,2,5,10,20,50 -o $(T)/baselines-fmnist-rounds.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-time.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --plot $(T)/baselines-fmnist-curves.png
-	$(BIN)/htfl bench benchmarks/suites/cpu-models.toml --out $(R) --jobs 2 --only '*FedAvgCNN_SmallCNN*' '*HtFE-cpu-4*'
+	$(BIN)/htfl bench benchmarks/suites/cpu-models.toml --out $(R) --jobs 2
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot -o $(T)/cpu-models.md
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot --metric last_acc \
 	  -o $(T)/cpu-models-last.md
