@@ -60,7 +60,7 @@ class RunConfig:
                                 "to the result file, for `htfl resume` (0: never)", min=0)
     failure_tolerance: float = opt(0.5, "a client whose local update raises or turns non-finite "
                                    "is dropped from the round; the run stops when more than this "
-                                   "share of a round's clients fail", min=0.0, max=1.0)
+                                   "share of a round's clients fail (status 'diverged')", min=0.0, max=1.0)
     straggler_rate: float = opt(0.0, "share of the selected clients that are stragglers and finish "
                                 "only a random 10–100% of their local batches", min=0.0, max=1.0)
     top_cnt: int = opt(0, "stop after this many evaluations without a new best "
