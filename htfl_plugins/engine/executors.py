@@ -74,25 +74,19 @@ def local_update(client, payload, budget: int | None, round: int):
         return Failure(f"{type(exc).__name__}: {exc}")
     finally:
         client.batch_budget = None
-    bad = [name for name, t in (upload.items() if isinstance(upload, dict) else ())
-           if not _finite(t)]
+    bad = [name for name, t in (upload.items() if isinstance(upload, dict) else ()) if not _finite(t)]
     if bad:
-        modules = [m for m in vars(client).values() if isinstance(m, torch.nn.Module)]
-        if not _finite([m.state_dict() for m in modules]):
+        if not all(_finite(t) for m in vars(client).values() if isinstance(m, torch.nn.Module)
+                   for t in m.state_dict().values()):
             client.load_state_dict(snapshot)
         return Failure(f"FloatingPointError: upload {bad[0]!r} holds NaN or Inf values")
     return Update(loss, upload, client.upload_spec())
 
 
-def _finite(obj) -> bool:
-    """No NaN or Inf in any floating-point tensor of ``obj`` (nested dicts, lists)."""
-    if isinstance(obj, torch.Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
-    if isinstance(obj, dict):
-        return all(_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(_finite(v) for v in obj)
-    return True
+def _finite(t) -> bool:
+    """False for a floating-point tensor holding NaN or Inf; True for anything else
+    (a non-tensor upload is refused later, by the loop's upload check)."""
+    return not isinstance(t, torch.Tensor) or not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def client_eval(cl) -> dict:
