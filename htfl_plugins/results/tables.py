@@ -24,9 +24,14 @@ def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
+def _diverged(g: pd.DataFrame) -> bool:
+    """Whether one of these runs diverged."""
+    return bool((g["status"] == "diverged").any())
+
+
 def _cell(g: pd.DataFrame, metric: str) -> str:
     """mean ± std (%) of one table cell's runs, marked † if one of them diverged."""
-    return _pm(g[metric]) + (" †" if (g["status"] == "diverged").any() else "")
+    return _pm(g[metric]) + (" †" if _diverged(g) else "")
 
 
 def with_method(df: pd.DataFrame) -> pd.DataFrame:
@@ -118,7 +123,7 @@ def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
             clabel = _scenario_label(ckey, cols)
             keys.setdefault(ckey, clabel)
             cells[(rlabel, clabel)] = _cell(g, metric)
-            if not (g["status"] == "diverged").any():
+            if not _diverged(g):
                 means[(rlabel, clabel)] = g[metric].mean()
     row_labels = list(dict.fromkeys(r for r, _ in cells))
     col_labels = [keys[k] for k in _column_order(list(keys))]
