@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default method,dataset,partition,clients,models and any other scenario setting "
                    "on which the runs differ; method is the tag, else the algorithm)")
     p.add_argument("--unfinished", action="store_true", help="also read runs that have not finished "
-                   "(running, interrupted, failed), as far as they got; by default they are left out")
+                   "(running, interrupted, failed), as far as they got; by default they are left out "
+                   "(a diverged run is always read, its cells marked †)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark suite (TOML grid), skipping finished cells")
     p.add_argument("suite", help="suite file, e.g. benchmarks/suites/fedktl-ablations.toml")
