@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from htfl_plugins import __version__
@@ -133,7 +134,6 @@ def cmd_data(argv: list[str]) -> int:
 # ------------------------------------------------------------------ compare
 def cmd_compare(args) -> int:
     from htfl_plugins.results import load
-    from htfl_plugins.results.load import DONE
     from htfl_plugins.results.plots import plot_acc_vs_upload, plot_curves
     from htfl_plugins.results.tables import (
         DIVERGED_NOTE,
@@ -147,16 +147,11 @@ def cmd_compare(args) -> int:
 
     if args.rounds is not None and args.rounds < 0:
         raise HtflError(f"--rounds must be at least 0, got {args.rounds}")
-    df = load(args.paths, until=args.rounds)
-    if not args.unfinished:
-        left = df[~df["status"].isin(DONE)].groupby("run", sort=False)["status"].first()
-        if len(left) == df["run"].nunique():
-            raise HtflError(f"no run read has finished ({', '.join(sorted(set(left)))}); "
-                            "--unfinished reads them as far as they got")
-        if len(left):
-            print(f"left out {len(left)} unfinished run(s) (--unfinished keeps them): "
-                  + ", ".join(f"{r} ({s})" for r, s in left.items()), file=sys.stderr)
-            df = df[df["status"].isin(DONE)]
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        df = load(args.paths, until=args.rounds, unfinished=args.unfinished)
+    for note in notes:
+        print(note.message, file=sys.stderr)
     if args.table == "pivot":
         table, index = pivot_table(df, metric=args.metric), True
     elif args.table == "traffic":

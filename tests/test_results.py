@@ -163,7 +163,10 @@ def test_compare_leaves_out_unfinished_runs_unless_asked(grid, tmp_path, capsys)
     assert main(["compare", str(folder), "--format", "csv", "--unfinished"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split(",")[5] == "2"
     assert main(["compare", str(folder / "local-0.5-1.h5")]) == 2
-    assert "no run read has finished (running); --unfinished reads them" in capsys.readouterr().err
+    assert "no run read has finished (running); --unfinished (unfinished=True) reads them" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"left out 1 unfinished run\(s\).*local-0.5-1 \(running\)"):
+        assert set(load(folder)["run"]) == {"local-0.5-0"}  # the Python reader leaves it out too
+    assert set(load(folder, unfinished=True)["run"]) == {"local-0.5-0", "local-0.5-1"}
 
 
 def test_a_run_cut_off_before_its_first_evaluation_summarizes_without_error(grid):

@@ -3,6 +3,7 @@ tables built from it."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,12 +35,16 @@ def _expand(paths) -> list[Path]:
     return out
 
 
-def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame:
+def load(paths: str | Path | Iterable, until: int | None = None, unfinished: bool = False) -> pd.DataFrame:
     """One row per run and round: metrics, traffic, time, and the run's settings
     (``algo``, ``dataset``, ``seed``, ...), ``options``, ``status`` and ``error`` as columns
     (``run`` is the file's stem, or its path where two files share a stem). ``until``
     keeps rounds 0..until only, as if every longer run had stopped there (its
-    ``rounds`` becomes ``until``): a budget of rounds read from longer runs."""
+    ``rounds`` becomes ``until``): a budget of rounds read from longer runs.
+
+    Runs that have not run to their end (a status outside ``DONE``: running,
+    interrupted, failed) are left out with a warning naming them, and an error if
+    no run is left; ``unfinished=True`` reads them as far as they got."""
     frames = []
     files = _expand(paths)
     stems = pd.Series([f.stem for f in files])
@@ -61,7 +66,17 @@ def load(paths: str | Path | Iterable, until: int | None = None) -> pd.DataFrame
             df = df[df["round"] <= until].copy()
             df["rounds"] = min(cfg["rounds"], until)
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    if unfinished:
+        return df
+    left = df[~df["status"].isin(DONE)].groupby("run", sort=False)["status"].first()
+    if len(left) == df["run"].nunique():
+        raise HtflError(f"no run read has finished ({', '.join(sorted(set(left)))}); "
+                        "--unfinished (unfinished=True) reads them as far as they got")
+    if len(left):
+        warnings.warn(f"left out {len(left)} unfinished run(s) (--unfinished keeps them): "
+                      + ", ".join(f"{r} ({s})" for r, s in left.items()), stacklevel=2)
+    return df[df["status"].isin(DONE)].reset_index(drop=True)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
