@@ -92,6 +92,8 @@ def test_traffic_and_time_tables_keep_scenarios_apart(grid):
     assert (times["total s/round"] > 0).all() and np.isfinite(times.drop(columns="scenario").values).all()
     one = time_table(df[df["alpha"] == 0.5])  # one scenario: one row per method, no scenario column
     assert list(one.index) == methods and "scenario" not in one.columns
+    swapped = df.assign(alpha=df["alpha"].map({0.5: 50.0, 5.0: 5.0}))  # the files give alpha 50 first
+    assert list(time_table(swapped)["scenario"]) == ["alpha=5.0", "alpha=50.0"] * 2  # the pivot's column order
     lines = [label for label, _ in _by_label(df)]  # curves too: one per method and scenario
     assert lines == [f"{m} (alpha={a})" for m in methods for a in (0.5, 5.0)]
 
