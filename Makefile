@@ -64,8 +64,10 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot --metric last_acc \
 	  -o $(T)/cpu-models-last.md
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table time -o $(T)/cpu-models-time.md
-	$(BIN)/htfl bench benchmarks/suites/cpu-clients.toml --out $(R) --jobs 2 --only '*clients=50_*' '*clients=100_*'
+	$(BIN)/htfl bench benchmarks/suites/cpu-clients.toml --out $(R) --jobs 2
 	$(BIN)/htfl compare $(R)/cpu-clients --table pivot -o $(T)/cpu-clients.md
+	$(BIN)/htfl compare $(R)/cpu-clients --table pivot --metric last_acc -o $(T)/cpu-clients-last.md
+	$(BIN)/htfl compare $(R)/cpu-clients --table time -o $(T)/cpu-clients-time.md
 	$(BIN)/htfl compare $(R)/cpu-clients/*clients=50_* -o $(T)/cpu-clients-summary.md
 	$(BIN)/htfl bench benchmarks/suites/fedktl-default-ablations.toml --out $(R) --jobs 2
 	$(BIN)/htfl compare $(R)/baselines-fmnist/Local_* $(R)/baselines-fmnist/FedKTL_monotone_* \
