@@ -48,10 +48,10 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/fedktl-ablations $(R)/fedktl-centroids --table time -o $(T)/fedktl-fmnist-time.md
 	$(BIN)/htfl compare $(R)/cpu-ktl-single --table pivot -o $(T)/ktl-single.md
 	$(BIN)/htfl bench benchmarks/suites/cpu-table1.toml --out $(R) --jobs 2 --only '*digits*'
-	$(BIN)/htfl compare $(R)/cpu-table1 --table pivot -o $(T)/cpu-table1-digits.md
-	$(BIN)/htfl compare $(R)/cpu-table1 --table pivot --metric last_acc -o $(T)/cpu-table1-digits-last.md
-	$(BIN)/htfl compare $(R)/cpu-table1 --table time -o $(T)/cpu-table1-digits-time.md
-	$(BIN)/htfl compare $(R)/cpu-table1 --table traffic -o $(T)/cpu-table1-digits-traffic.md
+	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table pivot -o $(T)/cpu-table1-digits.md
+	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table pivot --metric last_acc -o $(T)/cpu-table1-digits-last.md
+	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table time -o $(T)/cpu-table1-digits-time.md
+	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table traffic -o $(T)/cpu-table1-digits-traffic.md
 	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
 	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
 	$(BIN)/htfl bench benchmarks/suites/baselines-fmnist.toml --out $(R) --jobs 2
