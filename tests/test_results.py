@@ -96,6 +96,7 @@ def test_traffic_and_time_tables_keep_scenarios_apart(grid):
     assert list(time_table(swapped)["scenario"]) == ["alpha=5.0", "alpha=50.0"] * 2  # the pivot's column order
     lines = [label for label, _ in _by_label(df)]  # curves too: one per method and scenario
     assert lines == [f"{m} (alpha={a})" for m in methods for a in (0.5, 5.0)]
+    assert [label for label, _ in _by_label(swapped)] == [f"{m} (alpha={a})" for m in methods for a in (5.0, 50.0)]
 
 
 def test_rounds_table_gives_mean_and_std_after_each_round(grid, capsys):

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from htfl_plugins.results.tables import with_scenario
+from htfl_plugins.results.tables import method_scenario_groups
 
 
-def _by_label(df: pd.DataFrame):
+def _by_label(df: pd.DataFrame) -> list:
     """(label, rows) per method, and per scenario where the runs cover several: the
-    label is then "method (scenario)"."""
-    runs = with_scenario(df)
-    runs["label"] = [f"{m} ({s})" if s else m for m, s in zip(runs["method"], runs["scenario"])]
-    return runs.groupby("label", sort=False)
+    label is then "method (scenario)"; in the tables' row order."""
+    return [(f"{m} ({s})" if s else m, g) for (m, s), g in method_scenario_groups(df)]
 
 
 def _pyplot():

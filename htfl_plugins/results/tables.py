@@ -81,23 +81,23 @@ def with_scenario(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _scenario_rank(runs: pd.DataFrame) -> dict[str, int]:
-    """Each scenario label of :func:`with_scenario`'s rows → its place in the pivot's
-    column order (numeric keys ascending)."""
+def method_scenario_groups(df: pd.DataFrame) -> list:
+    """``((method, scenario), rows)`` of :func:`with_scenario`'s rows: methods in the
+    order they first appear, each one's scenarios in the pivot's column order
+    (numeric keys ascending). The rows of every per-method table and figure."""
+    runs = with_scenario(df)
     cols = scenario_columns(runs)
-    keys = list(dict.fromkeys(runs[cols].itertuples(index=False, name=None))) if cols else [()]
-    return {_scenario_label(k, cols): i for i, k in enumerate(_column_order(keys))} if cols else {"": 0}
+    keys = list(dict.fromkeys(runs[cols].itertuples(index=False, name=None))) if cols else []
+    rank = {_scenario_label(k, cols): i for i, k in enumerate(_column_order(keys))} if cols else {"": 0}
+    order = {m: i for i, m in enumerate(dict.fromkeys(runs["method"]))}
+    return sorted(runs.groupby(["method", "scenario"], sort=False), key=lambda kg: (order[kg[0][0]], rank[kg[0][1]]))
 
 
 def _per_method(df: pd.DataFrame, row) -> pd.DataFrame:
     """One row per method, and per scenario where the runs cover several (then with a
-    ``scenario`` column, scenarios in the pivot's column order), of the dict
-    ``row(rows of that group)``."""
-    runs = with_scenario(df)
-    several = runs["scenario"].nunique() > 1
-    order = {m: i for i, m in enumerate(dict.fromkeys(runs["method"]))}
-    rank = _scenario_rank(runs)
-    groups = sorted(runs.groupby(["method", "scenario"], sort=False), key=lambda kg: (order[kg[0][0]], rank[kg[0][1]]))
+    ``scenario`` column), of the dict ``row(rows of that group)``."""
+    groups = method_scenario_groups(df)
+    several = len({s for (_, s), _ in groups}) > 1
     out = [{"method": m, **({"scenario": s} if several else {}), **row(g)} for (m, s), g in groups]
     return pd.DataFrame(out).set_index("method")
 
