@@ -170,6 +170,9 @@ def test_compare_leaves_out_unfinished_runs_unless_asked(grid, tmp_path, capsys)
     with pytest.warns(UserWarning, match=r"left out 1 unfinished run\(s\).*local-0.5-1 \(running\)"):
         assert set(load(folder)["run"]) == {"local-0.5-0"}  # the Python reader leaves it out too
     assert set(load(folder, unfinished=True)["run"]) == {"local-0.5-0", "local-0.5-1"}
+    (folder / "local-0.5-1.ckpt").write_bytes(b"not hdf5")  # what a shell glob over a running cell also names
+    assert main(["compare", str(folder / "local-0.5-0.h5"), str(folder / "local-0.5-1.ckpt")]) == 0
+    assert "skipped 1 checkpoint file(s) of runs in progress: local-0.5-1.ckpt" in capsys.readouterr().err
 
 
 def test_a_run_cut_off_before_its_first_evaluation_summarizes_without_error(grid):

@@ -33,7 +33,7 @@ from htfl_plugins.engine.clients import ClientStore, atomic_save, state_bytes
 from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor
 from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import Diverged, HtflError
-from htfl_plugins.results.store import RunRecord
+from htfl_plugins.results.store import CHECKPOINT_SUFFIX, RunRecord
 
 log = logging.getLogger("htfl")
 
@@ -273,7 +273,7 @@ def straggler_budgets(rng: np.random.Generator, store: ClientStore, selected: li
 
 # ------------------------------------------------------------------ checkpoints
 def checkpoint_path(result: Path) -> Path:
-    return result.with_suffix(".ckpt")
+    return result.with_suffix(CHECKPOINT_SUFFIX)
 
 
 def client_snapshots(ckpt: Path) -> list[Path]:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from htfl_plugins.errors import HtflError
-from htfl_plugins.results.store import SCALARS, read_run
+from htfl_plugins.results.store import CHECKPOINT_SUFFIX, SCALARS, read_run
 
 META = ["tag", "algo", "dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot",
         "rounds", "local_epochs", "batch_size", "lr", "seed"]
@@ -21,15 +21,20 @@ DONE = ("finished", "stopped_early", "diverged")  # statuses of runs that ran to
 def _expand(paths) -> list[Path]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    out = []
+    out, checkpoints = [], []
     for p in paths:
         p = Path(p)
         if p.is_dir():
             out.extend(sorted(p.rglob("*.h5")))
+        elif p.suffix == CHECKPOINT_SUFFIX and p.is_file():  # a shell glob such as DIR/*fmnist* matches them
+            checkpoints.append(p.name)
         elif p.is_file():
             out.append(p)
         else:
             raise HtflError(f"{p} does not exist")
+    if checkpoints:
+        warnings.warn(f"skipped {len(checkpoints)} checkpoint file(s) of runs in progress: {', '.join(checkpoints)}",
+                      stacklevel=3)
     if not out:
         raise HtflError(f"no .h5 result files in {', '.join(map(str, paths))}")
     return out

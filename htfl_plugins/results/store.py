@@ -29,6 +29,8 @@ import numpy as np
 from htfl_plugins import __version__
 from htfl_plugins.errors import HtflError
 
+CHECKPOINT_SUFFIX = ".ckpt"  # a run in progress keeps its checkpoint beside its .h5 file, under this suffix
+
 SCALARS = ["round", "test_acc", "test_auc", "train_loss", "upload_bytes", "download_bytes",
            "upload_elements", "download_elements", "round_seconds", "train_seconds",
            "eval_seconds", "selected_clients", "dropped_clients", "failed_clients", "straggler_clients"]
