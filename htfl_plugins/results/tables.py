@@ -104,20 +104,22 @@ def _per_method(df: pd.DataFrame, row) -> pd.DataFrame:
 
 def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """One row per group (default: method and scenario, that is dataset, partition,
-    clients, models and any other scenario key on which the runs differ): mean ± std
+    clients, models and any other scenario key on which the runs differ, in the order
+    of :func:`method_scenario_groups`; with ``by``, numeric keys ascending): mean ± std
     over seeds of best and last accuracy (%), bytes up/down and seconds per training
     round."""
     runs = with_method(summarize(df))
-    by = by or ["method", *dict.fromkeys(["dataset", "partition", "clients", "models", *scenario_columns(runs)])]
-    out = []
-    for key, g in runs.groupby(by, sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        out.append({**dict(zip(by, key)), "seeds": len(g),
-                    "best_acc": _cell(g, "best_acc"), "last_acc": _cell(g, "last_acc"),
-                    "upload_bytes/round": g["upload_bytes"].mean(),
-                    "download_bytes/round": g["download_bytes"].mean(),
-                    "s/round": g["round_seconds"].mean()})
-    return pd.DataFrame(out)
+    if by:
+        grouped = dict(list(runs.groupby(by, sort=False, dropna=False)))
+        groups = [grouped[k] for k in _column_order(list(grouped))]
+    else:
+        by = ["method", *dict.fromkeys(["dataset", "partition", "clients", "models", *scenario_columns(runs)])]
+        groups = [g for _, g in method_scenario_groups(runs)]
+    return pd.DataFrame([{**g.iloc[0][by].to_dict(), "seeds": len(g),
+                          "best_acc": _cell(g, "best_acc"), "last_acc": _cell(g, "last_acc"),
+                          "upload_bytes/round": g["upload_bytes"].mean(),
+                          "download_bytes/round": g["download_bytes"].mean(),
+                          "s/round": g["round_seconds"].mean()} for g in groups])
 
 
 def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
