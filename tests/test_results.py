@@ -11,6 +11,7 @@ import pytest
 from htfl_plugins.cli import main
 from htfl_plugins.config import RunConfig, build
 from htfl_plugins.engine import run
+from htfl_plugins.errors import HtflError
 from htfl_plugins.results import compare_table, load, pivot_table, rounds_table, summarize, time_table, traffic_table
 from htfl_plugins.results.plots import _by_label
 from htfl_plugins.results.tables import render
@@ -82,6 +83,8 @@ def test_the_default_summary_keeps_every_scenario_key_that_differs(grid):
     by_alpha = compare_table(swapped, by=["alpha", "algo"])
     assert list(zip(by_alpha["alpha"], by_alpha["algo"])) == [(a, m) for a in (5.0, 50.0) for m in methods]
     assert (by_alpha["seeds"] == 2).all()
+    with pytest.raises(HtflError, match="cannot group by nosuch: not a column of the runs read"):
+        compare_table(swapped, by=["algo", "nosuch"])
 
 
 def test_traffic_and_time_tables_keep_scenarios_apart(grid):

@@ -8,6 +8,7 @@ import numbers
 
 import pandas as pd
 
+from htfl_plugins.errors import HtflError
 from htfl_plugins.results.load import summarize
 
 SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot"]
@@ -110,6 +111,10 @@ def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame
     round."""
     runs = with_method(summarize(df))
     if by:
+        unknown = [c for c in by if c not in runs.columns]
+        if unknown:
+            raise HtflError(f"cannot group by {', '.join(unknown)}: not a column of the runs read "
+                            f"(columns: {', '.join(runs.columns)})")
         grouped = dict(list(runs.groupby(by, sort=False, dropna=False)))
         groups = [grouped[k] for k in _column_order(list(grouped))]
     else:
