@@ -47,18 +47,18 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/fedktl-ablations $(R)/fedktl-centroids --table traffic -o $(T)/fedktl-fmnist-traffic.md
 	$(BIN)/htfl compare $(R)/fedktl-ablations $(R)/fedktl-centroids --table time -o $(T)/fedktl-fmnist-time.md
 	$(BIN)/htfl compare $(R)/cpu-ktl-single --table pivot -o $(T)/ktl-single.md
-	$(BIN)/htfl bench benchmarks/suites/cpu-table1.toml --out $(R) --jobs 2 --only '*digits*'
-	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table pivot -o $(T)/cpu-table1-digits.md
-	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table pivot --metric last_acc -o $(T)/cpu-table1-digits-last.md
-	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table time -o $(T)/cpu-table1-digits-time.md
-	$(BIN)/htfl compare $(R)/cpu-table1/*digits* --table traffic -o $(T)/cpu-table1-digits-traffic.md
-	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
-	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
 	$(BIN)/htfl bench benchmarks/suites/baselines-fmnist.toml --out $(R) --jobs 2
 	$(BIN)/htfl compare $(R)/baselines-fmnist -o $(T)/baselines-fmnist.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table rounds --at 1,2,5,10,20,50 -o $(T)/baselines-fmnist-rounds.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-time.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --plot $(T)/baselines-fmnist-curves.png
+	$(BIN)/htfl bench benchmarks/suites/cpu-table1.toml --out $(R) --jobs 2
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/baselines-fmnist --table pivot -o $(T)/cpu-table1.md
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/baselines-fmnist --table pivot --metric last_acc -o $(T)/cpu-table1-last.md
+	$(BIN)/htfl compare $(R)/cpu-table1 --table time -o $(T)/cpu-table1-time.md
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/baselines-fmnist --table traffic -o $(T)/cpu-table1-traffic.md
+	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
+	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
 	$(BIN)/htfl bench benchmarks/suites/cpu-models.toml --out $(R) --jobs 2
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot -o $(T)/cpu-models.md
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot --metric last_acc \
