@@ -192,3 +192,16 @@ def test_a_run_cut_off_before_its_first_evaluation_summarizes_without_error(grid
     df["test_acc"] = np.nan  # as read with --unfinished from a run killed during round 0
     row = summarize(df).iloc[0]
     assert np.isnan(row["best_acc"]) and np.isnan(row["last_acc"]) and row["best_round"] == -1
+
+
+def test_a_result_file_records_the_versions_that_made_it(grid):
+    import json
+
+    import torch
+
+    with h5py.File(next(grid.glob("*.h5"))) as f:
+        env = json.loads(f.attrs["environment"])
+    assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert env["numpy"] == np.__version__
+    assert env["python"].count(".") == 2
+

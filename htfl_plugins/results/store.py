@@ -11,16 +11,20 @@ training rounds, and its traffic/time columns describe training round r):
 
 plus HtFLlib's keys ``rs_test_acc``, ``rs_test_auc``, ``rs_train_loss`` as soft
 links, and attributes ``config`` (JSON), ``algorithm``, ``dataset``, ``seed``,
-``version``, ``status`` and ``created``.
+``version``, ``environment`` (JSON: the Python, torch, numpy, ... versions of the
+process that last wrote the file), ``status``, ``created`` and ``updated``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import h5py
@@ -37,6 +41,20 @@ SCALARS = ["round", "test_acc", "test_auc", "train_loss", "upload_bytes", "downl
 MATRICES = ["client_test_acc", "client_upload_bytes", "client_download_bytes"]
 HTFLLIB_KEYS = {"rs_test_acc": "test_acc", "rs_test_auc": "test_auc", "rs_train_loss": "train_loss"}
 FORMAT = "htfl-run-1"
+ENVIRONMENT_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "h5py")
+
+
+@functools.cache
+def environment() -> dict:
+    """Versions outside the library that can change a run's numbers; a result file
+    keeps them so that a re-run which differs can be traced to its cause."""
+    env = {"python": platform.python_version(), "machine": platform.machine()}
+    for dist in ENVIRONMENT_PACKAGES:
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return env
 
 
 @dataclass
@@ -94,6 +112,7 @@ class RunRecord:
                 f.attrs["dataset"] = self.config.get("dataset", "")
                 f.attrs["seed"] = int(self.config.get("seed", 0))
                 f.attrs["version"] = __version__
+                f.attrs["environment"] = json.dumps(environment(), sort_keys=True)
                 f.attrs["status"] = self.status
                 f.attrs["created"] = self.created
                 f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
