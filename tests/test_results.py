@@ -204,4 +204,3 @@ def test_a_result_file_records_the_versions_that_made_it(grid):
     assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["numpy"] == np.__version__
     assert env["python"].count(".") == 2
-
