@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from htfl_plugins.cli import main
 from htfl_plugins.config import RunConfig, build
@@ -195,10 +197,6 @@ def test_a_run_cut_off_before_its_first_evaluation_summarizes_without_error(grid
 
 
 def test_a_result_file_records_the_versions_that_made_it(grid):
-    import json
-
-    import torch
-
     with h5py.File(next(grid.glob("*.h5"))) as f:
         env = json.loads(f.attrs["environment"])
     assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
