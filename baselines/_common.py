@@ -50,6 +50,14 @@ def _fmt_shapes(shapes: dict) -> str:
     return "{" + ", ".join(f"{n}: {'x'.join(map(str, s))}" for n, s in shapes.items()) + "}"
 
 
+def last_pass_mean(losses: list[float], n: int, batch_size: int) -> float:
+    """Mean of the last pass's batch losses, of ``losses`` recorded pass after pass
+    over ``n`` samples in batches of ``batch_size`` (NaN when nothing was trained)."""
+    per_pass = -(-n // batch_size)
+    last = losses[-per_pass:] if per_pass else []
+    return sum(last) / len(last) if last else float("nan")
+
+
 # ------------------------------------------------------------------ per-class statistics
 class ClassAccumulator:
     """Running per-class sums of vectors, for means collected during training."""
@@ -177,6 +185,8 @@ class ClassVectorClient(Client):
         if self._acc is not None:
             labels, means, _ = self._acc.result()
             self._acc = None
+            if means.numel() == 0:  # no batch recorded (a straggler's empty budget)
+                means = torch.zeros(0, self.vector_dim())
         else:
             labels, means, _ = class_mean_outputs(self.model, self.local_outputs, self.data.x_train,
                                                   self.data.y_train, k)
@@ -184,6 +194,17 @@ class ClassVectorClient(Client):
         counts = torch.bincount(self.data.y_train.cpu(), minlength=k)[labels]
         self._local = (labels, means, counts)
         return loss
+
+    def held_classes(self) -> int:
+        """How many classes the upload holds: those of the last local update, which
+        with ``source`` "during" are only the classes its batches saw (a straggler,
+        or a class whose only samples fell in a dropped last batch)."""
+        return self.num_local_classes() if self._local is None else len(self._local[0])
+
+    def class_vectors_spec(self) -> dict[str, tuple]:
+        """One ``vector_dim()`` vector and one int64 label per held class."""
+        c = self.held_classes()
+        return {self.key: ((c, self.vector_dim()), torch.float32), self.labels_key: ((c,), torch.int64)}
 
     def state_dict(self):
         return {**super().state_dict(), "global_vectors": self.global_vectors,

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 from baselines._common import ClassVectorClient, ClassVectorServer
 from htfl_plugins.config import opt
-from htfl_plugins.engine import class_vectors_spec
 
 
 @dataclass
@@ -79,7 +78,7 @@ class FedDistillClient(ClassVectorClient):
     key, labels_key = "logits", "logit_labels"
 
     def upload_spec(self):
-        return class_vectors_spec(self, "logits", "logit_labels", self.ctx.num_classes)
+        return self.class_vectors_spec()
 
     def vector_dim(self) -> int:
         return self.ctx.num_classes

@@ -35,8 +35,11 @@ h = hidden_dim; G_p = (n+K)·h + h + 2h + h·D + D generator parameters):
   round 2: head + ``generator.*`` (G_p float32) + ``label_counts`` (K int64):
   4·(K·D + K + G_p) + 8·K bytes.
 
-Defaults are HtFLlib's: noise_dim 512, hidden_dim 512, server_epochs 100,
-generator_lr 0.005; HtFLlib's tuned values: noise_dim 32, generator_lr 0.1.
+Defaults: HtFLlib's tuned noise_dim 32 and generator_lr 0.1 (its parser defaults are
+512 and 0.005), and its defaults hidden_dim 512 and server_epochs 100.
+
+Metrics (``metrics/server_generator_loss`` of the result file): the generator's
+loss at its last Adam step of the round.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ class FedGenServer(ParamsServer):
         self.params = self.weighted_mean(ups, weights)
         self.pooled_counts = sum(u["label_counts"].cpu() for u in ups).to(torch.int64)
         self.train_generator(ups, weights)
+        return {"generator_loss": self.last_loss}
 
     def train_generator(self, ups, weights) -> None:
         total = sum(weights)

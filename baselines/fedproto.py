@@ -26,8 +26,10 @@ count of the class (then clients also upload those counts).
 Inference: the class of the nearest global prototype (squared L2), scores =
 −‖f − P_k‖² (−inf for classes without a prototype); the head's accuracy is recorded
 as ``acc_head``. Until a client has received prototypes it predicts with its head.
-Row r therefore uses the prototypes the client trained against in round r (row 1:
-the head). ``train_loss`` is the local objective, CE + λ·MSE.
+Under the default ``--eval-point after-broadcast`` row r uses the global prototypes
+aggregated from round r's uploads (row 0: the head); under ``after-update`` those the
+client trained against in round r (row 1: the head). ``train_loss`` is the local
+objective, CE + λ·MSE.
 
 Traffic per client and round (D = feature_dim, |C_i| classes held by client i,
 K_g classes with a global prototype, ≤ K):
@@ -38,8 +40,8 @@ K_g classes with a global prototype, ≤ K):
 - download ``protos`` (K_g×D float32) + ``proto_labels`` (K_g int64):
   4·K_g·D + 8·K_g bytes; nothing in round 1.
 
-λ (``lam``): HtFLlib default 1.0 (used here), HtFLlib's tuned value 10 (total.sh,
-Cifar100/HtFE8); the FedTGP paper reports 0.1.
+λ (``lam``): 10 here, HtFLlib's tuned value (total.sh, Cifar100/HtFE8); HtFLlib's
+parser default is 1.0, and the FedTGP paper reports 0.1.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ import torch.nn.functional as F
 
 from baselines._common import ClassVectorClient, ClassVectorServer
 from htfl_plugins.config import opt
-from htfl_plugins.engine import class_vectors_spec
 
 
 @dataclass
@@ -77,9 +78,9 @@ class FedProtoClient(ClassVectorClient):
     key, labels_key = "protos", "proto_labels"
 
     def upload_spec(self):
-        spec = class_vectors_spec(self, "protos", "proto_labels", self.ctx.feature_dim)
+        spec = self.class_vectors_spec()
         if self.options.weighting == "samples":
-            spec["proto_counts"] = ((self.num_local_classes(),), torch.int64)
+            spec["proto_counts"] = ((self.held_classes(),), torch.int64)
         return spec
 
     def vector_dim(self) -> int:

@@ -30,6 +30,10 @@ uses the local learning rate, 0.01 by default). As in HtFLlib, the server
 trains on every client's prototypes, not on the averages, and the module
 persists across rounds. Distances are computed with a clamp at 1e-12 under the
 square root (HtFLlib's expanded form can take the root of a tiny negative).
+
+Metrics (``metrics/server_*`` of the result file): ``loss``, the mean server loss
+over the last pass's batches (the FedTGP authors' advice: it should fall below
+about 1e-3 once training works), and ``margin``, the round's δ.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines._common import class_mean_outputs, seeded_module
+from baselines._common import class_mean_outputs, last_pass_mean, seeded_module
 from htfl_plugins.config import opt
 from htfl_plugins.engine import Client, Server, average_by_class, class_vectors_spec
 
@@ -162,6 +166,8 @@ class FedTGPServer(Server):
         self.generator.eval()
         with torch.no_grad():
             self.global_protos = self.generator().detach().cpu().clone()
+        return {"loss": last_pass_mean(self.last_losses, len(labels), self.cfg.batch_size),
+                "margin": self.margin}
 
     def train_generator(self, protos, labels, margin: float) -> list[float]:
         self.generator.train()

@@ -10,6 +10,7 @@ places where this implementation chooses between their code and their paper.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,11 +166,16 @@ class FedKTLClient(Client):
 
     # -------------------------------------------------------------- training
     def _next_pairs(self):
-        """The next batch of image–latent pairs from a shuffled loader that cycles."""
+        """The next batch of image–latent pairs from a shuffled loader that cycles. A
+        pass never ends on a batch of one (a BatchNorm model cannot train on it): a
+        lone last pair joins the batch before it."""
         images, latents = self.pairs
         if len(self._pair_order) == 0:
             self._pair_order = torch.randperm(len(images), generator=self.rng)
-        idx, self._pair_order = self._pair_order[:self.cfg.batch_size], self._pair_order[self.cfg.batch_size:]
+        b = self.cfg.batch_size
+        if len(self._pair_order) == b + 1:
+            b += 1
+        idx, self._pair_order = self._pair_order[:b], self._pair_order[b:]
         return images[idx.to(self.device)], latents[idx.to(self.device)]
 
     def classification_loss(self, out, y):
@@ -233,10 +239,14 @@ class FedKTLClient(Client):
     def load_state_dict(self, state):
         self.pairs = state["pairs"]
         self._pair_order = state["pair_order"]
-        if state["proj"] is not None:
+        params = list(self.model.parameters())
+        if state["proj"] is None:  # (also a state from before this client first received pairs)
+            self.proj = None
+        else:
             self.proj = projection_head(self.ctx, state["proj"]["weight"].shape[0])
             self.proj.load_state_dict(state["proj"])
-            self.optimizer = self.make_optimizer(list(self.model.parameters()) + list(self.proj.parameters()))
+            params += list(self.proj.parameters())
+        self.optimizer = self.make_optimizer(params)  # over exactly what the state's optimizer covered
         super().load_state_dict(state)
 
 
@@ -270,45 +280,55 @@ class FedKTLServer(Server):
         protos = torch.cat([u["protos"] for u in uploads.values()]).to(self.device)
         labels = torch.cat([u["labels"] for u in uploads.values()]).to(self.device)
         opts = self.options
+        metrics: dict[str, float] = {}
         if opts.latents == "prior":
             latents = self.gen.sample_prior(self.ctx.num_classes, self.rng)
         else:
             self._set_centroids(protos, labels)
-            self._align(protos, labels)
+            metrics = self._align(protos, labels)
             self._set_centroids(protos, labels)
+            present = torch.unique(labels)
+            metrics["centroid_norm"] = float(self.centroids.weight.detach()[present].norm(dim=1).mean())
             if opts.use_centroids:
                 latents = self.centroids.weight.detach().clone()
             else:
-                self.transformer.eval()
-                with torch.no_grad():
-                    latents = self.transformer(protos)
+                latents = self._transform(protos)
         images = self._generate(latents)
         self.pairs = {"images": to_client_images(images, self.ctx.input_shape).cpu(),
                       "latents": latents.float().cpu()}
         if opts.save_images and round % opts.save_images == 0 and self.ctx.out_dir is not None:
             self._save_grid(images, round)
+        return metrics
 
     # -------------------------------------------------------------- domain alignment
     @torch.no_grad()
-    def _set_centroids(self, protos, labels):
-        """Centroid of each uploaded class = the mean over clients of F(P), with F's
-        BatchNorm in eval mode or on the statistics of all uploaded prototypes."""
+    def _transform(self, protos):
+        """F(P) of all uploaded prototypes, with F's BatchNorm on their own statistics
+        (``centroid_stats`` batch) or its running ones (eval)."""
         self.transformer.eval()
         if self.options.centroid_stats == "batch" and len(protos) > 1:
-            q = self.transformer.forward_batch_stats(protos)
-        else:
-            q = self.transformer(protos)
+            return self.transformer.forward_batch_stats(protos)
+        return self.transformer(protos)
+
+    @torch.no_grad()
+    def _set_centroids(self, protos, labels):
+        """Centroid of each uploaded class = the mean over clients of F(P)."""
+        q = self._transform(protos)
         for c in torch.unique(labels):
             self.centroids.weight[c] = q[labels == c].mean(0)
 
-    def _align(self, protos, labels):
+    def _align(self, protos, labels) -> dict[str, float]:
+        """Train F and the centroids (``server_epochs`` passes of Adam); returns the
+        last pass's mean MMD², MSE to the centroids (unweighted; NaN where ablated)
+        and total loss (MMD² + λ·MSE) over its steps."""
         opts = self.options
         opt_f = torch.optim.Adam(self.transformer.parameters(), lr=opts.server_lr)
         opt_c = torch.optim.Adam(self.centroids.parameters(), lr=opts.server_lr)
         n = len(labels)
-        losses = []
+        epoch: list[tuple[float, float, float]] = []  # (MMD², MSE, total) of each step
         self.transformer.train()
         for _ in range(opts.server_epochs):
+            epoch = []
             order = torch.randperm(n, generator=self.rng).to(self.device)
             for start in range(0, n, opts.server_batch_size):
                 idx = order[start:start + opts.server_batch_size]
@@ -316,10 +336,13 @@ class FedKTLServer(Server):
                     continue
                 q = self.transformer(protos[idx])
                 loss = torch.zeros((), device=self.device)
+                mmd = mse = math.nan
                 if opts.use_mmd:
-                    loss = loss + mmd2(q, self.gen.sample_prior(len(idx), self.rng))
+                    term = mmd2(q, self.gen.sample_prior(len(idx), self.rng))
+                    loss, mmd = loss + term, term.item()
                 if opts.use_centroids and opts.lamda > 0:
-                    loss = loss + opts.lamda * F.mse_loss(q, self.centroids(labels[idx]))
+                    term = F.mse_loss(q, self.centroids(labels[idx]))
+                    loss, mse = loss + opts.lamda * term, term.item()
                 if not loss.requires_grad:
                     continue
                 opt_f.zero_grad(set_to_none=True)
@@ -329,12 +352,15 @@ class FedKTLServer(Server):
                 nn.utils.clip_grad_norm_(self.centroids.parameters(), CLIP)
                 opt_f.step()
                 opt_c.step()
-                losses.append(loss.item())
-        if losses:
-            self.last_loss = sum(losses) / len(losses)
-            if not torch.isfinite(torch.tensor(self.last_loss)):
-                raise HtflError(f"fedktl: the server's alignment loss became {self.last_loss}; "
-                                "lower --server-lr")
+                epoch.append((mmd, mse, loss.item()))
+                if not math.isfinite(epoch[-1][2]):
+                    raise HtflError(f"fedktl: the server's alignment loss became {epoch[-1][2]}; "
+                                    "lower --server-lr")
+        if not epoch:
+            return {}
+        mmd, mse, total = (sum(col) / len(epoch) for col in zip(*epoch))
+        self.last_loss = total
+        return {"align_mmd": mmd, "align_mse": mse, "align_loss": total}
 
     def _generate(self, latents: torch.Tensor) -> torch.Tensor:
         chunks = [self.gen.synthesize(latents[i:i + self.options.gen_batch_size])

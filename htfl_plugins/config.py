@@ -26,6 +26,10 @@ def opt(default, help: str, *, choices=None, alias: str | None = None, min=None,
     return field(default=default, metadata=meta)
 
 
+MAX_SEED = 2 ** 63 - 1  # seeds are stored as int64
+EVAL_POINTS = ("after-broadcast", "after-update")
+
+
 @dataclass
 class RunConfig:
     """Settings shared by every algorithm."""
@@ -56,6 +60,10 @@ class RunConfig:
     batch_size: int = opt(10, "local batch size", min=1, alias="-lbs")
     lr: float = opt(0.01, "local learning rate (SGD)", min=0.0)
     eval_gap: int = opt(1, "evaluate every N rounds (the last round always)", min=1)
+    eval_point: str = opt("after-broadcast", "when round r is scored: after-broadcast (HtFLlib's protocol: "
+                          "every client has received what the server sends after round r's update, "
+                          "as it would for inference) or after-update (right after the server's "
+                          "update, before any client receives it)", choices=list(EVAL_POINTS))
     checkpoint_every: int = opt(10, "write the whole run state every N rounds (and at round 0) next "
                                 "to the result file, for `htfl resume` (0: never)", min=0)
     failure_tolerance: float = opt(0.5, "a client whose local update raises or turns non-finite "
@@ -69,8 +77,8 @@ class RunConfig:
                              min=0.01, max=0.99)
     few_shot: int = opt(0, "cap on training samples per class and client (0: no cap)", min=0)
     data_seed: int = opt(1, "seed of the partition and train/test split (fixed across "
-                         "run seeds, as in PFLlib)", min=0)
-    seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0)
+                         "run seeds, as in PFLlib)", min=0, max=MAX_SEED)
+    seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0, max=MAX_SEED)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
     executor: str = opt("auto", "who runs the clients' training and evaluation: sequential (this "
@@ -181,6 +189,44 @@ def build(cls, values: dict[str, Any], what: str):
     if callable(validate):
         validate()
     return obj
+
+
+# ------------------------------------------------------------------ what makes two runs comparable
+#: Run settings that by design do not change what a run computes (where clients run,
+#: how many threads or workers, where files go) or that name the run; with the seed
+#: they are left out when runs are grouped (``htfl compare``) or checked against a
+#: suite (``htfl bench``). Thread counts and executors change floating-point
+#: reduction order only; two runs differing just there have the same seed, and a
+#: table refuses to average them.
+NOT_COMPARED = ("seed", "name", "out", "cache_dir", "data_root", "device", "threads", "executor",
+                "workers", "ray_address", "client_state", "checkpoint_every")
+#: What a result file that lacks a setting (written before the setting existed) ran
+#: with, where that is not today's default.
+LEGACY = {"eval_point": "after-update"}
+
+
+def with_legacy(stored: dict) -> dict:
+    """A stored run config with the settings it lacks set to what it ran with
+    (:data:`LEGACY`), so that resuming it keeps its protocol."""
+    return {**{k: v for k, v in LEGACY.items() if k not in stored}, **stored}
+
+
+def compared_settings(stored: dict) -> dict:
+    """The settings of a stored run config (``to_dict`` form) that make it the run it
+    is: every run setting but :data:`NOT_COMPARED`, a setting the file lacks taken
+    as what that file ran with (:data:`LEGACY`, else today's default), and each
+    algorithm option as ``options.<name>``."""
+    out = {}
+    for f in fields_of(RunConfig):
+        if f.name in NOT_COMPARED or f.name == "options":
+            continue
+        if f.name in stored:
+            out[f.name] = stored[f.name]
+        else:
+            out[f.name] = LEGACY.get(f.name, f.default)
+    for k, v in sorted((stored.get("options") or {}).items()):
+        out[f"options.{k}"] = v
+    return out
 
 
 def load_toml(path: str) -> dict:

@@ -65,7 +65,9 @@ def on_run_start(run):
 
 @hookspec
 def on_round_end(run, round, metrics):
-    """Called after each round is recorded; ``metrics`` is a dict of scalars."""
+    """Called after each round is recorded; ``metrics`` is a dict of scalars: the
+    evaluation (``test_acc``, ...), traffic and time, and the round's ``local_loss``,
+    ``server_*`` and ``client_*`` metrics."""
 
 
 @hookspec

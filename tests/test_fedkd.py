@@ -176,9 +176,10 @@ def test_end_to_end_traffic(digits_config):
     init = dict(s.ctx.build_model("SmallCNN", seed_key=("fedkd-mentee", "SmallCNN"))
                 .named_parameters())
     dense = 4 * sum(p.numel() for p in init.values())
-    # round 1 sends the server's initial mentee at T_start (+ the 4-byte threshold)
-    assert res["download_bytes"][1] == 4 * (expected_bytes(init, 0.5) + 4)
-    assert res["download_bytes"][0] == res["upload_bytes"][0] == 0
+    # row 0 sends round 1 the server's initial mentee at T_start (+ the 4-byte threshold);
+    # row r holds the broadcast sent after it, for round r+1
+    assert res["download_bytes"][0] == 4 * (expected_bytes(init, 0.5) + 4)
+    assert res["upload_bytes"][0] == 0
     for r in (1, 2):
         assert 0 < res["upload_bytes"][r] < 4 * dense
         assert 0 < res["download_bytes"][r] < 4 * (dense + 4)

@@ -212,9 +212,10 @@ def test_traffic_equals_the_formulas(digits_config):
     up = sum(len(s) * (k * 4 + 8) for s in _label_sets(cfg))
     assert list(r["upload_bytes"]) == [0, up, up, up]
     per_client = k * (pixels + latent) * 4
-    assert r["client_download_bytes"][1].tolist() == [0] * 4  # nothing generated yet
-    assert r["client_download_bytes"][2].tolist() == [per_client] * 4
-    assert r["client_download_bytes"][3].tolist() == [per_client] * 4
+    # row r holds the broadcast sent after it, for round r+1
+    assert r["client_download_bytes"][0].tolist() == [0] * 4  # nothing generated yet
+    for row in (1, 2, 3):
+        assert r["client_download_bytes"][row].tolist() == [per_client] * 4
 
 
 def _setup(digits_config, **opts):
@@ -375,3 +376,46 @@ def test_batch_stat_centroids_use_the_statistics_mmd_aligned(digits_config):
         q = server.transformer.forward_batch_stats(protos)
     for c in torch.unique(labels):
         assert torch.allclose(server.centroids.weight[c], q[labels == c].mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("stats", ["batch", "eval"])
+def test_the_no_centroid_ablation_follows_centroid_stats(digits_config, stats):
+    _, clients, server = _setup(digits_config, use_centroids=False, centroid_stats=stats)
+    uploads = _round(server, clients, 1)
+    protos = torch.cat([u["protos"] for u in uploads.values()])
+    with torch.no_grad():
+        server.transformer.eval()
+        batch, running = server.transformer.forward_batch_stats(protos), server.transformer(protos)
+    assert not torch.allclose(batch, running, atol=1e-4)
+    assert torch.allclose(server.pairs["latents"], batch if stats == "batch" else running, atol=1e-6)
+
+
+def test_generated_pairs_never_come_in_a_batch_of_one(digits_config):
+    _, clients, _ = _setup(digits_config, mu=1.0)
+    client = clients[0]
+    client.cfg = type(client.cfg)(**{**vars(client.cfg), "batch_size": 3})
+    client.pairs = (torch.zeros(10, 1, 8, 8), torch.zeros(10, 4))  # K = 10 classes, 10 mod 3 = 1
+    sizes = [len(client._next_pairs()[0]) for _ in range(9)]
+    assert sizes == [3, 3, 4] * 3 and sum(sizes[:3]) == 10  # each pass covers every pair once
+
+
+@pytest.mark.parametrize("eval_point", ["after-broadcast", "after-update"])
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_a_client_failing_in_its_first_round_with_pairs_is_left_out_not_fatal(digits_config, monkeypatch,
+                                                                              eval_point, how):
+    from fedktl_plugin.fedktl import FedKTLClient
+
+    original = FedKTLClient._step_loss
+
+    def step(self, x, y, transfer):
+        if transfer and self.cid == 1:  # from round 2 on, once image–latent pairs have arrived
+            if how == "raise":
+                raise RuntimeError("out of luck")
+            return original(self, x, y, transfer) * float("nan")
+        return original(self, x, y, transfer)
+
+    monkeypatch.setattr(FedKTLClient, "_step_loss", step)
+    r = read_run(run(digits_config(algo="fedktl", options=FAST, rounds=3, eval_point=eval_point), quiet=True))
+    assert r["attrs"]["status"] == "finished"
+    assert list(r["failed_clients"]) == [0, 0, 1, 1]
+    assert np.isnan(r["client_local_loss"][2:, 1]).all() and np.isfinite(r["client_local_loss"][1:, 0]).all()

@@ -132,5 +132,6 @@ def test_end_to_end_bytes(digits_config):
     up = np.array([4 * c * D + 8 * c for c in held])
     assert np.array_equal(r["client_upload_bytes"][1], up)
     assert np.array_equal(r["client_upload_bytes"][2], up)
-    assert np.all(r["client_download_bytes"][1] == 0)  # round 1: no prototypes yet
-    assert np.all(r["client_download_bytes"][2] == 4 * union * D + 8 * union)
+    assert np.all(r["client_download_bytes"][0] == 0)  # round 1: no prototypes yet
+    # row r holds the broadcast sent after it, for round r+1
+    assert np.all(r["client_download_bytes"][1:] == 4 * union * D + 8 * union)

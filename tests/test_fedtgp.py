@@ -138,4 +138,5 @@ def test_end_to_end_traffic(digits_config):
     K, D = s.ctx.num_classes, s.ctx.feature_dim
     held = sum(len(c.labels()) for c in s.scenario.clients)
     assert res["upload_bytes"].tolist() == [0] + [(4 * D + 8) * held] * 2
-    assert res["download_bytes"].tolist() == [0, 0, 4 * K * D * 4]
+    # row r holds the broadcast sent after it, for round r+1
+    assert res["download_bytes"].tolist() == [0, 4 * K * D * 4, 4 * K * D * 4]

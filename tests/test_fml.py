@@ -122,4 +122,5 @@ def test_end_to_end_traffic(digits_config):
     assert all(math.isfinite(v) for v in res["extra"]["acc_meme"])
     n_params = sum(p.numel() for p in s.ctx.build_model("SmallCNN").parameters())
     assert res["upload_bytes"].tolist() == [0] + [4 * n_params * 4] * 2
-    assert res["download_bytes"].tolist() == [0] + [4 * n_params * 4] * 2
+    # row r holds the broadcast sent after it, for round r+1
+    assert res["download_bytes"].tolist() == [4 * n_params * 4] * 3

@@ -136,8 +136,13 @@ def test_communication_is_counted_per_client(digits_config, toy_plugins):
     # upload: 7 float32 + 1 int64 per client; download: client i gets i+1 float64
     assert list(r["upload_bytes"]) == [0, 4 * (7 * 4 + 8), 4 * (7 * 4 + 8)]
     assert list(r["upload_elements"]) == [0, 32, 32]
-    assert list(r["download_bytes"]) == [0, 8 * (1 + 2 + 3 + 4)] * 1 + [8 * 10]
+    # every row sends the next round's broadcast to all clients (after-broadcast) ...
+    assert list(r["download_bytes"]) == [8 * (1 + 2 + 3 + 4)] * 3
     assert r["client_download_bytes"][1].tolist() == [8, 16, 24, 32]
+    # ... or each training round its own (after-update)
+    r = read_run(run(digits_config(algo="toy", options={"size": 7}, name="old", eval_point="after-update"),
+                     plugins=toy_plugins, quiet=True))
+    assert list(r["download_bytes"]) == [0, 8 * 10, 8 * 10]
 
 
 def test_join_ratio_and_drop_rate(digits_config, toy_plugins):

@@ -97,6 +97,13 @@ def _normaliser(x: np.ndarray):
     return apply
 
 
+def split_seed(data_seed: int, client: int) -> int:
+    """Client ``client``'s train/test split seed: ``data_seed·100003 + client``, taken
+    modulo 2³² so that any ``--data-seed`` works (scikit-learn takes 32-bit seeds;
+    below the wrap every split is what it always was)."""
+    return (data_seed * 100003 + client) % 2 ** 32
+
+
 def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
     """Partition a source, split each client 75/25, and write the PFLlib layout atomically."""
     raw = plugins.registry("datasets").get(cfg.dataset).obj(cfg.data_root or None)
@@ -122,7 +129,7 @@ def build_scenario(cfg, plugins, target: Path, params: dict) -> None:
         stats = []
         for i, idx in enumerate(parts):
             tr, te = train_test_split(idx, train_size=cfg.train_ratio, shuffle=True,
-                                      random_state=cfg.data_seed * 100003 + i)
+                                      random_state=split_seed(cfg.data_seed, i))
             _save_npz(tmp / "train" / f"{i}.npz", norm(tr), raw.y[tr])
             _save_npz(tmp / "test" / f"{i}.npz", norm(te), raw.y[te])
             counts = np.bincount(raw.y[idx], minlength=raw.num_classes)

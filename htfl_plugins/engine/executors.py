@@ -24,7 +24,8 @@ import logging
 import math
 import os
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,23 +48,55 @@ class Failure:
 
 @dataclass
 class Update:
-    """A successful local update: mean loss, the upload and the client's upload spec."""
+    """A successful local update: mean loss, the upload, the client's upload spec, its
+    number of training samples and any other named scalars its ``train()`` returned."""
 
     loss: float
     upload: dict
     spec: dict
+    samples: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def train_result(out, client) -> tuple[float, dict]:
+    """(loss, other metrics) of what ``client.train()`` returned: the mean loss, or a
+    mapping of named scalars that holds it under ``loss``."""
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise HtflError(f"{type(client).__name__}.train() returned a mapping without 'loss' "
+                            f"(it has {sorted(out)}); return the mean loss, or a mapping with it "
+                            "under 'loss'")
+        metrics = scalar_metrics(out, f"{type(client).__name__}.train()")
+        return metrics.pop("loss"), metrics
+    return float(out), {}
+
+
+def scalar_metrics(values, where: str) -> dict[str, float]:
+    """``values`` (a mapping of names to numbers or one-element tensors) as floats."""
+    if not isinstance(values, Mapping):
+        raise HtflError(f"{where} returned a {type(values).__name__}, not a mapping of named numbers")
+    out = {}
+    for k, v in values.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise HtflError(f"{where}: metric name {k!r} is not an identifier")
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise HtflError(f"{where}: metric {k!r} is a {type(v).__name__}, not a number") from None
+    return out
 
 
 def local_update(client, payload, budget: int | None, round: int):
     """One client's round: an Update, or a Failure (state restored unless only
-    the upload was non-finite and every model of the client stayed finite)."""
+    the upload was non-finite and every model of the client stayed finite).
+    ``payload`` (None: nothing) is received first, inside the same safety net."""
     snapshot = copy.deepcopy(client.state_dict())
     client.batch_budget = budget
     torch.manual_seed(derive_seed(client.cfg.seed, "local", round, client.cid))
     try:
         if payload is not None:
             client.receive(payload)
-        loss = float(client.train())
+        loss, metrics = train_result(client.train(), client)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss})")
         upload = client.upload()
@@ -80,7 +113,24 @@ def local_update(client, payload, budget: int | None, round: int):
                    for t in m.state_dict().values()):
             client.load_state_dict(snapshot)
         return Failure(f"FloatingPointError: upload {bad[0]!r} holds NaN or Inf values")
-    return Update(loss, upload, client.upload_spec())
+    return Update(loss, upload, client.upload_spec(), client.data.n_train, metrics)
+
+
+def receive(client, payload, round: int) -> Failure | None:
+    """``client.receive(payload)`` of the server's broadcast for ``round``, under its
+    own seed (so where it runs does not change a number) and the global RNG left as
+    it was. A client whose ``receive`` raises is put back as it was: a Failure."""
+    snapshot = copy.deepcopy(client.state_dict())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(client.cfg.seed, "receive", round, client.cid))
+        try:
+            client.receive(payload)
+        except HtflError:
+            raise
+        except Exception as exc:
+            client.load_state_dict(snapshot)
+            return Failure(f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def _finite(t) -> bool:
@@ -113,7 +163,7 @@ def client_eval(cl) -> dict:
                 "client %d (%s) gave non-finite scores for %d test samples; they count as wrong",
                 cl.cid, cl.arch, bad_total)
         probs = torch.cat(probs).numpy()
-        onehot = np.eye(cl.ctx.num_classes)[cl.data.y_test.numpy()]
+        onehot = np.eye(cl.ctx.num_classes)[cl.data.y_test.cpu().numpy()]
         auc = roc_auc_score(onehot, probs, average="micro")
         loss = 0.0
         for start in range(0, cl.data.n_train, EVAL_BATCH):

@@ -2,8 +2,13 @@
 provides its Server and Client.
 
 Row r of the results is the evaluation after r training rounds (row 0: the
-untrained models, as in HtFLlib); the traffic and time in row r belong to
-training round r.
+untrained models, as in HtFLlib). With ``eval_point`` after-broadcast (the
+default, HtFLlib's protocol) a round is: the selected clients train on the
+broadcast they already hold, the server updates, the server's next broadcast
+goes to every client (:func:`deliver`), then every client is scored. With
+after-update the selected clients receive the round's broadcast just before
+training and every client is scored right after the server's update. A row's
+traffic is what was sent in it and its time what was done in it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from htfl_plugins.config import RunConfig
 from htfl_plugins.data import load_scenario
 from htfl_plugins.engine.base import Payload, RunContext, clients_per_round, derive_seed
 from htfl_plugins.engine.clients import ClientStore, atomic_save, state_bytes
-from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor
+from htfl_plugins.engine.executors import Failure, SequentialExecutor, make_executor, receive, scalar_metrics
 from htfl_plugins.engine.perf import tune_allocator
 from htfl_plugins.errors import Diverged, HtflError
 from htfl_plugins.results.store import CHECKPOINT_SUFFIX, RunRecord
@@ -217,49 +222,109 @@ def drop_clients(rng: np.random.Generator, selected: list[int], rate: float) -> 
 
 
 @dataclass
-class Traffic:
-    """Bytes per client and element totals of one training round, and who failed."""
+class RoundStats:
+    """What one row records besides its evaluation: the bytes per client and element
+    totals of the payloads sent in it, who failed, each trained client's local loss
+    and the metrics the server and the clients reported."""
 
     up_bytes: np.ndarray
     down_bytes: np.ndarray
     up_elements: int = 0
     down_elements: int = 0
     failed: list = field(default_factory=list)
+    updates: dict = field(default_factory=dict)  # cid -> the executor's Update
+    server_metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, n: int) -> RoundStats:
+        return cls(np.zeros(n), np.zeros(n))
+
+    def count_downloads(self, downloads: dict) -> None:
+        for cid, payload in downloads.items():
+            e, b = payload_size(payload)
+            self.down_elements += e
+            self.down_bytes[cid] += b
+
+    def client_losses(self, n: int) -> list[float]:
+        """Each client's mean loss of its local update this round (NaN: it did not train)."""
+        return [self.updates[c].loss if c in self.updates else math.nan for c in range(n)]
+
+    def metrics(self) -> dict[str, float]:
+        """``local_loss`` and each ``client_<name>`` the clients reported: means over the
+        clients that trained, weighted by their training samples; ``server_<name>``."""
+        out = {}
+        ups = list(self.updates.values())
+        total = sum(u.samples for u in ups)
+        if ups and total:
+            out["local_loss"] = sum(u.loss * u.samples for u in ups) / total
+            for name in dict.fromkeys(k for u in ups for k in u.metrics):
+                has = [u for u in ups if name in u.metrics]
+                out[f"client_{name}"] = (sum(u.metrics[name] * u.samples for u in has)
+                                         / max(sum(u.samples for u in has), 1))
+        out.update({f"server_{k}": v for k, v in self.server_metrics.items()})
+        return out
 
 
 def train_round(algo_name: str, server, clients, executor, r: int, selected: list[int],
-                budgets: dict | None = None, failure_tolerance: float = 1.0):
-    """One training round: broadcast → local work → checked uploads → server update.
-    Clients whose local update fails are left out of the update; more than
-    ``failure_tolerance`` of them stops the run. Returns (downloads, uploads, traffic)."""
+                budgets: dict | None = None, failure_tolerance: float = 1.0,
+                downloads: dict | None = None, stats: RoundStats | None = None):
+    """One training round: [broadcast →] local work → checked uploads → server update.
+
+    With ``downloads`` None the server broadcasts to the selected clients here and
+    each receives its download just before training (``--eval-point after-update``).
+    Otherwise every client already holds the round's broadcast (:func:`deliver`)
+    and ``downloads`` holds only what a client has to receive again because its
+    earlier ``receive`` failed. Clients whose local update fails are left out of
+    the update; more than ``failure_tolerance`` of them stops the run. Returns
+    (downloads, uploads, stats)."""
     store = ClientStore.of(clients)
-    n = len(store)
-    traffic = Traffic(np.zeros(n), np.zeros(n))
-    downloads = server.broadcast(r, selected) or {}
-    for cid, payload in downloads.items():
-        e, b = payload_size(payload)
-        traffic.down_elements += e
-        traffic.down_bytes[cid] += b
+    stats = stats or RoundStats.empty(len(store))
+    if downloads is None:
+        downloads = server.broadcast(r, selected) or {}
+        stats.count_downloads(downloads)
     uploads = {}
     for cid, result in executor.train(store, selected, downloads, budgets, r).items():
         if isinstance(result, Failure):
             log.warning("round %d: client %d (%s) failed and is left out of this round: %s",
                         r, cid, store.arch(cid), result.reason)
-            traffic.failed.append((cid, result.reason))
+            stats.failed.append((cid, result.reason))
             continue
         payload = result.upload
         check_upload(algo_name, cid, result.spec, payload)
         e, b = payload_size(payload)
-        traffic.up_elements += e
-        traffic.up_bytes[cid] += b
+        stats.up_elements += e
+        stats.up_bytes[cid] += b
         uploads[cid] = payload
-    if traffic.failed and len(traffic.failed) > failure_tolerance * len(selected):
-        cid, reason = traffic.failed[0]
-        raise Diverged(f"round {r}: {len(traffic.failed)} of {len(selected)} clients failed, more than "
+        stats.updates[cid] = result
+    if stats.failed and len(stats.failed) > failure_tolerance * len(selected):
+        cid, reason = stats.failed[0]
+        raise Diverged(f"round {r}: {len(stats.failed)} of {len(selected)} clients failed, more than "
                         f"--failure-tolerance {failure_tolerance} allows (client {cid} "
                         f"({store.arch(cid)}): {reason}); lower --lr or check the {algo_name} options")
-    server.update(r, uploads)
-    return downloads, uploads, traffic
+    metrics = server.update(r, uploads)
+    if metrics is not None:
+        stats.server_metrics = scalar_metrics(metrics, f"algorithm {algo_name!r}: {type(server).__name__}.update()")
+    return downloads, uploads, stats
+
+
+def deliver(server, clients, r: int, stats: RoundStats) -> dict:
+    """``--eval-point after-broadcast``: the server's broadcast for round r (made
+    after round r−1's update) goes to every client, selected or not, as HtFLlib
+    sends its global model or prototypes to all clients; each receives it now, so
+    that the evaluation that follows scores what every client would use for
+    inference, and round r trains on it. Returns the downloads of clients whose
+    ``receive`` failed (they are put back and receive it again before training)."""
+    store = ClientStore.of(clients)
+    downloads = server.broadcast(r, list(range(len(store)))) or {}
+    stats.count_downloads(downloads)
+    again = {}
+    for cid, payload in downloads.items():
+        failure = receive(store.get(cid, write=True), payload, r)
+        if failure is not None:
+            log.warning("client %d (%s) could not receive the broadcast for round %d: %s",
+                        cid, store.arch(cid), r, failure.reason)
+            again[cid] = payload
+    return again
 
 
 def straggler_budgets(rng: np.random.Generator, store: ClientStore, selected: list[int], rate: float) -> dict:
@@ -293,8 +358,10 @@ def client_folder(result: Path) -> Path:
     return result.with_name(result.stem + ".clients")
 
 
-def save_checkpoint(path: Path, r: int, store: ClientStore, server, rng, record, best) -> None:
-    """The whole run state after round r, written atomically. Disk-kept clients
+def save_checkpoint(path: Path, r: int, store: ClientStore, server, rng, record, best,
+                    retry: dict | None = None) -> None:
+    """The whole run state after round r (``retry``: downloads that clients failed
+    to receive, to be received again before they train), written atomically. Disk-kept clients
     go to a folder of this round beside it (linked, not loaded), which the
     checkpoint names; older folders go once the checkpoint is written."""
     if store.on_disk:
@@ -306,7 +373,7 @@ def save_checkpoint(path: Path, r: int, store: ClientStore, server, rng, record,
     state = {"round": r, "clients": clients, "server": server.state_dict(),
              "loop_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
              "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-             "rows": record.rows, "best": best}
+             "rows": record.rows, "best": best, "retry": retry or {}}
     atomic_save(state, path)
     if store.on_disk:
         for old in client_snapshots(path):
@@ -362,7 +429,7 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
                        n, extra_attrs={"archs": ctx.archs, "num_classes": ctx.num_classes,
                                        "scenario": s.scenario.path})
     info = RunInfo(cfg, s.options, s.path, n, ctx.archs, quiet=quiet)
-    since_best, start = 0, 0
+    since_best, start, retry = 0, 0, {}
     ckpt = checkpoint_path(s.path)
     if resume:
         state = load_checkpoint(ckpt)
@@ -378,21 +445,26 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
         random.setstate(state["python_rng"])
         record.rows = state["rows"]
         info.best_acc, info.best_round, since_best = state["best"]
+        retry = state.get("retry", {})
         start = state["round"] + 1
         log.info("resuming %s after round %d", s.path.name, state["round"])
     hook = plugins.hook
     hook.on_run_start(run=info)
     status = "failed"
+    after_broadcast = cfg.eval_point == "after-broadcast"
     try:
         for r in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
-            traffic = Traffic(np.zeros(n), np.zeros(n))
+            stats = RoundStats.empty(n)
             selected, dropped, budgets = [], 0, {}
             if r > 0:
                 selected, dropped = drop_clients(rng, select_clients(rng, n, cfg), cfg.drop_rate)
                 budgets = straggler_budgets(rng, clients, selected, cfg.straggler_rate)
-                _, _, traffic = train_round(cfg.algo, server, clients, executor, r, selected, budgets,
-                                            cfg.failure_tolerance)
+                again = {c: p for c, p in retry.items() if c in selected} if after_broadcast else None
+                train_round(cfg.algo, server, clients, executor, r, selected, budgets,
+                            cfg.failure_tolerance, downloads=again, stats=stats)
+                if after_broadcast:
+                    retry = deliver(server, clients, r + 1, stats)
             t1 = time.perf_counter()
             if r % cfg.eval_gap == 0 or r == cfg.rounds:
                 m = evaluate(clients, executor)
@@ -400,13 +472,18 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
                 m = {"test_acc": math.nan, "test_auc": math.nan, "train_loss": math.nan,
                      "client_test_acc": [math.nan] * n, "extra": {}}
             t2 = time.perf_counter()
-            up_b, down_b = traffic.up_bytes, traffic.down_bytes
+            if after_broadcast and r == 0:  # row 0 scores the untrained models, before any broadcast
+                retry = deliver(server, clients, 1, stats)
+            t3 = time.perf_counter()
+            up_b, down_b = stats.up_bytes, stats.down_bytes
+            row_metrics = stats.metrics()
             record.add(round=r, **m, upload_bytes=int(up_b.sum()), download_bytes=int(down_b.sum()),
-                       upload_elements=traffic.up_elements, download_elements=traffic.down_elements,
+                       upload_elements=stats.up_elements, download_elements=stats.down_elements,
                        client_upload_bytes=up_b.tolist(), client_download_bytes=down_b.tolist(),
-                       round_seconds=t2 - t0, train_seconds=t1 - t0, eval_seconds=t2 - t1,
+                       client_local_loss=stats.client_losses(n), metrics=row_metrics,
+                       round_seconds=t3 - t0, train_seconds=(t1 - t0) + (t3 - t2), eval_seconds=t2 - t1,
                        selected_clients=len(selected), dropped_clients=dropped,
-                       failed_clients=len(traffic.failed), straggler_clients=len(budgets))
+                       failed_clients=len(stats.failed), straggler_clients=len(budgets))
             record.write()
             if not math.isnan(m["test_acc"]):
                 if not m["test_acc"] <= info.best_acc:  # also true while best is NaN
@@ -415,11 +492,12 @@ def run(cfg: RunConfig, plugins=None, quiet: bool = False, resume: bool = False)
                     since_best += 1
             if cfg.checkpoint_every and r % cfg.checkpoint_every == 0 and r < cfg.rounds:
                 save_checkpoint(ckpt, r, clients, server, rng, record,
-                                (info.best_acc, info.best_round, since_best))
+                                (info.best_acc, info.best_round, since_best), retry)
             metrics = {k: v for k, v in m.items() if k not in ("client_test_acc", "extra")}
             metrics.update(m["extra"])
+            metrics.update(row_metrics)
             metrics.update(upload_bytes=int(up_b.sum()), download_bytes=int(down_b.sum()),
-                           round_seconds=t2 - t0)
+                           round_seconds=t3 - t0)
             log.debug("round %d: %s", r, metrics)
             hook.on_round_end(run=info, round=r, metrics=metrics)
             if cfg.top_cnt and since_best >= cfg.top_cnt:

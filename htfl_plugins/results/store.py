@@ -2,12 +2,18 @@
 recorded round, so a crash or kill never leaves a half-written file.
 
 Datasets (one row per evaluation point r = 0..R; row r is the state after r
-training rounds, and its traffic/time columns describe training round r):
+training rounds, scored at the run's ``eval_point``, and its traffic and time
+columns describe what was sent and done in it: training round r's uploads, and
+the downloads sent in row r — with ``eval_point`` after-broadcast the broadcast
+made after round r's update, that row r scores and round r+1 trains on; with
+after-update round r's own broadcast):
 
     round, test_acc, test_auc, train_loss, client_test_acc (rows × clients),
     upload_bytes, download_bytes, upload_elements, download_elements,
-    client_upload_bytes, client_download_bytes (rows × clients),
-    round_seconds, train_seconds, eval_seconds, selected_clients, dropped_clients
+    client_upload_bytes, client_download_bytes, client_local_loss (rows × clients),
+    round_seconds, train_seconds, eval_seconds, selected_clients, dropped_clients,
+    failed_clients, straggler_clients, extra/acc_*, metrics/* (local_loss,
+    server_*, client_*; NaN where a row has none)
 
 plus HtFLlib's keys ``rs_test_acc``, ``rs_test_auc``, ``rs_train_loss`` as soft
 links, and attributes ``config`` (JSON), ``algorithm``, ``dataset``, ``seed``,
@@ -38,7 +44,7 @@ CHECKPOINT_SUFFIX = ".ckpt"  # a run in progress keeps its checkpoint beside its
 SCALARS = ["round", "test_acc", "test_auc", "train_loss", "upload_bytes", "download_bytes",
            "upload_elements", "download_elements", "round_seconds", "train_seconds",
            "eval_seconds", "selected_clients", "dropped_clients", "failed_clients", "straggler_clients"]
-MATRICES = ["client_test_acc", "client_upload_bytes", "client_download_bytes"]
+MATRICES = ["client_test_acc", "client_upload_bytes", "client_download_bytes", "client_local_loss"]
 HTFLLIB_KEYS = {"rs_test_acc": "test_acc", "rs_test_auc": "test_auc", "rs_train_loss": "train_loss"}
 FORMAT = "htfl-run-1"
 ENVIRONMENT_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "h5py")
@@ -67,19 +73,24 @@ class RunRecord:
     status: str = "running"
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
-    def add(self, extra: dict | None = None, **values) -> None:
-        """Append one row. ``extra`` holds algorithm-specific scalars (``acc_head``, ...),
-        stored under the group ``extra/``; a row that lacks one gets NaN."""
+    def add(self, extra: dict | None = None, metrics: dict | None = None, **values) -> None:
+        """Append one row. ``extra`` holds algorithm-specific accuracies (``acc_head``, ...),
+        stored under the group ``extra/``, and ``metrics`` the round's named scalars from
+        the server and the clients (``local_loss``, ``server_*``, ``client_*``), under
+        ``metrics/``; a row that lacks one gets NaN."""
         missing = set(SCALARS + MATRICES) - set(values)
         if missing:
             raise ValueError(f"row lacks {sorted(missing)}")
-        for k in SCALARS + MATRICES:
-            self.rows[k].append(values[k])
-        extras = self.rows.setdefault("extra", {})
-        for k in extra or {}:
-            extras.setdefault(k, [float("nan")] * (len(self) - 1))
-        for k, col in extras.items():
-            col.append(float((extra or {}).get(k, float("nan"))))
+        rows = len(self)
+        for k in SCALARS + MATRICES:  # a column the rows so far lack (an older checkpoint's) is NaN there
+            blank = [float("nan")] * self.num_clients if k in MATRICES else float("nan")
+            self.rows.setdefault(k, [blank] * rows).append(values[k])
+        for group, row in (("extra", extra), ("metrics", metrics)):
+            cols = self.rows.setdefault(group, {})
+            for k in row or {}:
+                cols.setdefault(k, [float("nan")] * rows)
+            for k, col in cols.items():
+                col.append(float((row or {}).get(k, float("nan"))))
 
     def __len__(self) -> int:
         return len(self.rows["round"])
@@ -102,8 +113,9 @@ class RunRecord:
                 for k in MATRICES:
                     data = np.asarray(self.rows[k], dtype=np.float64).reshape(len(self), self.num_clients)
                     f.create_dataset(k, data=data)
-                for k, col in self.rows.get("extra", {}).items():
-                    f.create_dataset(f"extra/{k}", data=np.asarray(col, dtype=np.float64))
+                for group in ("extra", "metrics"):
+                    for k, col in self.rows.get(group, {}).items():
+                        f.create_dataset(f"{group}/{k}", data=np.asarray(col, dtype=np.float64))
                 for alias, target in HTFLLIB_KEYS.items():
                     f[alias] = h5py.SoftLink("/" + target)
                 f.attrs["format"] = FORMAT
@@ -134,7 +146,8 @@ def read_run(path) -> dict:
             if f.attrs.get("format") != FORMAT:
                 raise HtflError(f"{path} is not an htfl result file (no format={FORMAT!r} attribute)")
             out = {k: f[k][()] for k in SCALARS + MATRICES if k in f}
-            out["extra"] = {k: v[()] for k, v in f["extra"].items()} if "extra" in f else {}
+            for group in ("extra", "metrics"):
+                out[group] = {k: v[()] for k, v in f[group].items()} if group in f else {}
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except HtflError:
         raise
