@@ -22,9 +22,10 @@ models = "HtM-img-10"
 A re-run skips cells whose file is finished, continues a cut-off cell from its
 last checkpoint (``checkpoint_every``, every 10 rounds by default) when the suite
 still gives it the same settings, and redoes any other; a cell that fails is
-reported and the others still run. A finished cell whose stored settings differ
-from what the suite now spells out stops the re-run before anything runs, so
-no result is overwritten or silently kept under settings it did not run with.
+reported and the others still run. A finished cell whose stored run differs
+from what the suite now gives it in any setting tables compare (one it spells
+out, or a default that changed since) stops the re-run before anything runs,
+so no result is overwritten or silently kept under settings it did not run with.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from htfl_plugins.results.load import DONE
 class Cell:
     name: str
     config: RunConfig
-    given: tuple = ()  # the settings (and options) the suite spells out for this cell
 
     @property
     def path(self) -> Path:
@@ -78,8 +78,6 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                           "seed": seed, "out": str(folder)}
                 values["options"] = {**settings.get("options", {}), **sc.get("options", {}),
                                      **rn.get("options", {})}
-                given = tuple(k for k in values if k not in ("options", "out"))
-                given += tuple(f"options.{k}" for k in values["options"])
                 values.setdefault("tag", rn.get("algo", ""))
                 values.setdefault("threads", 1)  # the same numbers whatever --jobs is
                 values.setdefault("executor", "sequential")  # cells share the cores through --jobs
@@ -89,7 +87,7 @@ def load_suite(path: str, out: str | None = None, plugins=None) -> tuple[str, li
                 cell_name = _slug(f"{values['tag']}__{sc_label}__s{seed}")
                 values["name"] = cell_name
                 cfg = config_mod.build(RunConfig, values, f"setting(s) in {path}")
-                cells.append(Cell(cell_name, cfg, given))
+                cells.append(Cell(cell_name, cfg))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise HtflError(f"{path}: two cells share a name; give each [[runs]] a distinct tag")
@@ -112,18 +110,17 @@ def estimated_steps(cfg: RunConfig, plugins) -> int | None:
     return int(per_round * cfg.rounds)
 
 
-def _setting(config: dict, key: str):
-    group, _, name = key.rpartition(".")
-    return (config.get(group) or {}).get(name) if group else config.get(key)
-
-
 def changed_settings(cell: Cell, stored: dict) -> list[str]:
-    """The settings the suite spells out for ``cell`` that its stored run had
-    otherwise, as ``key: then → now``. A key the stored run lacks (a setting that
-    did not exist yet) is not counted."""
-    now = config_mod.to_dict(cell.config)
-    return [f"{key} {_setting(stored, key)!r} → {_setting(now, key)!r}" for key in cell.given
-            if _setting(stored, key) is not None and _setting(stored, key) != _setting(now, key)]
+    """The settings that make a run what it is (``config.compared_settings``: all but
+    the seed, names, folders and where clients run) on which ``cell``'s stored run
+    differs from what the suite gives it now, as ``key then → now``. A setting the
+    stored run lacks counts as what it ran with (``config.LEGACY``, else today's
+    default); an algorithm option is compared where the suite names it."""
+    now_cfg = config_mod.to_dict(cell.config)
+    then, now = config_mod.compared_settings(stored), config_mod.compared_settings(now_cfg)
+    then["seed"], now["seed"] = stored.get("seed"), now_cfg["seed"]
+    return [f"{key} {then.get(key)!r} → {value!r}" for key, value in now.items()
+            if key in then and then[key] != value]
 
 
 def cell_status(cell: Cell) -> str:

@@ -86,7 +86,7 @@ def cmd_resume(args) -> int:
     from htfl_plugins.results import read_run
 
     path = Path(args.run)
-    saved = read_run(path)["config"]
+    saved = config_mod.with_legacy(read_run(path)["config"])
     saved.update(name=path.stem, out=str(path.parent))
     cfg = config_mod.build(RunConfig, saved, f"setting(s) stored in {path}")
     _setup_logging(args.quiet, False)
@@ -141,19 +141,21 @@ def cmd_compare(args) -> int:
         pivot_table,
         render,
         rounds_table,
+        std_note,
         time_table,
         traffic_table,
     )
 
     if args.rounds is not None and args.rounds < 0:
         raise HtflError(f"--rounds must be at least 0, got {args.rounds}")
+    ddof = {"sample": 1, "population": 0}[args.std]
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
         df = load(args.paths, until=args.rounds, unfinished=args.unfinished)
     for note in notes:
         print(note.message, file=sys.stderr)
     if args.table == "pivot":
-        table, index = pivot_table(df, metric=args.metric), True
+        table, index = pivot_table(df, metric=args.metric or "best_acc", ddof=ddof), True
     elif args.table == "traffic":
         table, index = traffic_table(df), True
     elif args.table == "time":
@@ -163,23 +165,36 @@ def cmd_compare(args) -> int:
             at = [int(r) for r in args.at.split(",")]
         except ValueError:
             raise HtflError(f"--at wants comma-separated round numbers, got {args.at!r}") from None
-        table, index = rounds_table(df, at), True
+        metric = {None: "test_acc", "best_acc": "test_acc", "last_acc": "test_acc",
+                  "best_auc": "test_auc"}.get(args.metric, args.metric)
+        table, index = rounds_table(df, at, metric=metric, ddof=ddof), True
     else:
-        table, index = compare_table(df, by=args.by.split(",") if args.by else None), False
-    text = render(table, args.format, index=index)
+        table, index = compare_table(df, by=args.by.split(",") if args.by else None, ddof=ddof,
+                                     metric=args.metric), False
+    text = render(table, args.format, index=index, ddof=ddof)
     if "†" in text:
         if args.format == "markdown":
             text += "\n\n" + DIVERGED_NOTE
         else:
             print(DIVERGED_NOTE, file=sys.stderr)
+    if args.format == "csv":
+        print(std_note(ddof), file=sys.stderr)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + ("" if text.endswith("\n") else "\n"))
+        _write_output(Path(args.output), text + ("" if text.endswith("\n") else "\n"))
     if args.plot:
-        print(f"curves written to {plot_curves(df, args.plot)}")
+        print(f"curves written to {plot_curves(df, args.plot, metric=args.metric or 'test_acc', ddof=ddof)}")
     if args.plot_upload:
-        print(f"accuracy against upload written to {plot_acc_vs_upload(df, args.plot_upload)}")
+        print(f"accuracy against upload written to {plot_acc_vs_upload(df, args.plot_upload, ddof=ddof)}")
     return 0
+
+
+def _write_output(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise HtflError(f"cannot write the table to {path}: {exc.strerror or exc}") from None
 
 
 # ------------------------------------------------------------------ bench
@@ -237,8 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", default="1,2,5,10,20,50", help="rounds table: comma-separated rounds")
     p.add_argument("--rounds", type=int, help="read only rounds 0..N of every run, as if longer runs "
                    "had stopped there (best and last accuracy within a budget of N rounds)")
-    p.add_argument("--metric", choices=["best_acc", "last_acc", "best_auc"], default="best_acc",
-                   help="the pivot table's cells")
+    p.add_argument("--metric", help="what the tables and --plot show: best_acc (the pivot's default), "
+                   "last_acc, best_auc, or a per-round column of the results (acc_head, local_loss, "
+                   "server_align_mmd, ...; tables show its last value per run, the rounds table and "
+                   "--plot every round's)")
+    p.add_argument("--std", choices=["sample", "population"], default="sample",
+                   help="the ± over seeds: sample standard deviation (ddof 1) or population (ddof 0, "
+                   "PFLlib's np.std)")
     p.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
     p.add_argument("--output", "-o", help="also write the table to this file")
     p.add_argument("--plot", help="draw accuracy curves (mean ± std over seeds) to this image file")

@@ -18,7 +18,8 @@ from htfl_plugins.results import read_run
 from tests.test_resume import StopAt, assert_same_curves
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.toml"))
-EXPECTED = {"paper-table1": 8 * 9 * 3, "paper-table2": (8 * 9 - 3) * 3, "cpu-table1": 3 * 10 * 3,
+EXPECTED = {"paper-table1": 8 * 9 * 3, "paper-table2": (8 * 9 - 3) * 3, "cpu-table1": 2 * 10 * 3,
+            "cpu-table1-fmnist": 10 * 3,
             "cpu-clients": 3 * 10, "cpu-models": 3 * 10 * 3, "cpu-ktl-single": 3 * 3 * 3, "fedktl-centroids": 1,
             "fedktl-ablations": 2 * 3 + 7, "fedktl-default-ablations": 7, "baselines-fmnist": 11 * 3}
 
@@ -37,10 +38,10 @@ def test_shipped_suites_parse_and_dry_run(suite, tmp_path, capsys):
 
 def test_only_selects_cells_by_name(tmp_path, capsys):
     suite = str(SUITES[[s.stem for s in SUITES].index("cpu-table1")])
-    assert main(["bench", suite, "--dry-run", "--out", str(tmp_path), "--only", "*digits*", "Local_*"]) == 0
+    assert main(["bench", suite, "--dry-run", "--out", str(tmp_path), "--only", "*partition=dir*", "Local_*"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if " missing " in ln]
-    assert len(lines) == 2 * 10 * 3 + 3  # digits cells, plus Local's fmnist (pathological) cells
-    assert all("digits" in ln or ln.startswith("Local_") for ln in lines)
+    assert len(lines) == 10 * 3 + 3  # Dirichlet cells, plus Local's pathological cells
+    assert all("partition=dir" in ln or ln.startswith("Local_") for ln in lines)
     assert main(["bench", suite, "--dry-run", "--only", "nothing*"]) == 2
     assert "no cell of" in capsys.readouterr().err
 
@@ -65,7 +66,7 @@ def test_rerun_skips_finished_and_redoes_unfinished(tmp_path):
     half = cells[1]
     r = read_run(half.path)
     rec = RunRecord(half.path, r["config"], 3)
-    rec.rows = {k: list(r[k][:1]) for k in r if k not in ("attrs", "config", "extra")}
+    rec.rows = {k: list(r[k][:1]) for k in r if k not in ("attrs", "config", "extra", "metrics")}
     rec.write("running")
     cells[2].path.unlink()
     before = {c.name: c.path.stat().st_mtime_ns for c in (cells[0], cells[3])}
@@ -82,7 +83,7 @@ def test_a_finished_cell_under_changed_settings_stops_the_rerun(tmp_path):
     _, (cell,) = load_suite(str(suite), str(tmp_path / "out"))
     run_suite([cell], log=lambda *_: None)
     stamp = cell.path.stat().st_mtime_ns
-    # settings the suite does not spell out, or spells out as they were, change nothing
+    # a setting the suite spells out as it was changes nothing
     suite.write_text(head + 'lr = 0.01\n[[runs]]\nalgo = "fedproto"\noptions = { lam = 1.0 }\n')
     _, (same,) = load_suite(str(suite), str(tmp_path / "out"))
     assert cell_status(same) == "finished" and run_suite([same], log=lambda *_: None) == []
@@ -94,10 +95,16 @@ def test_a_finished_cell_under_changed_settings_stops_the_rerun(tmp_path):
     with pytest.raises(HtflError, match=r"1 finished cell\(s\) .* lr 0.01 → 0.05, options.lam 1.0 → 2.0"):
         run_suite([edited], log=lambda *_: None)
     assert cell.path.stat().st_mtime_ns == stamp  # the finished result is kept as it was
-    # a setting the stored run predates is not a change
+    # a setting the stored run predates counts as what it ran with: today's default, or the
+    # earlier rule where the default changed (the evaluation point)
     stored = read_run(cell.path)["config"]
-    del stored["lr"]
-    assert changed_settings(edited, stored) == ["options.lam 1.0 → 2.0"]
+    del stored["lr"], stored["eval_point"]
+    assert changed_settings(edited, stored) == ["lr 0.01 → 0.05", "eval_point 'after-update' → 'after-broadcast'",
+                                                "options.lam 1.0 → 2.0"]
+    # so does a default that changed under a suite that does not spell the setting out
+    suite.write_text(head + '[[runs]]\nalgo = "fedproto"\noptions = { lam = 1.0 }\n')
+    _, (unchanged,) = load_suite(str(suite), str(tmp_path / "out"))
+    assert changed_settings(unchanged, stored) == ["eval_point 'after-update' → 'after-broadcast'"]
 
 
 def test_a_cut_off_cell_continues_from_its_checkpoint(tmp_path):

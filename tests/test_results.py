@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import h5py
@@ -15,8 +16,7 @@ from htfl_plugins.config import RunConfig, build
 from htfl_plugins.engine import run
 from htfl_plugins.errors import HtflError
 from htfl_plugins.results import compare_table, load, pivot_table, rounds_table, summarize, time_table, traffic_table
-from htfl_plugins.results.plots import _by_label
-from htfl_plugins.results.tables import render
+from htfl_plugins.results.tables import Stat, groups, render
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,15 @@ def test_pivot_bolds_the_best_mean_of_each_column(grid):
     assert list(table.columns) == ["alpha=0.5", "alpha=5.0"]
     assert set(table.index) == {"local", "feddistill"}
     runs = summarize(df)
+    md = render(table, "markdown")
     for col, alpha in zip(table.columns, (0.5, 5.0)):
         means = runs[runs["alpha"] == alpha].groupby("algo")["best_acc"].mean()
         best = means.idxmax()
-        assert table.loc[best, col].startswith("**") and "±" in table.loc[best, col]
+        assert table.loc[best, col].best and table.loc[best, col].n == 2
         other = next(a for a in means.index if a != best)
-        assert not table.loc[other, col].startswith("**")
-        mean_text = table.loc[best, col].strip("*").split(" ± ")[0]
-        assert float(mean_text) == pytest.approx(means[best] * 100, abs=0.006)
+        assert not table.loc[other, col].best
+        assert table.loc[best, col].mean == pytest.approx(means[best])
+        assert f"**{table.loc[best, col].mean * 100:.2f} ± " in md
     latex = render(table, "latex")
     assert r"\textbf{" in latex and r"$\pm$" in latex and "**" not in latex
 
@@ -108,9 +109,10 @@ def test_traffic_and_time_tables_keep_scenarios_apart(grid):
     assert list(one.index) == methods and "scenario" not in one.columns
     swapped = df.assign(alpha=df["alpha"].map({0.5: 50.0, 5.0: 5.0}))  # the files give alpha 50 first
     assert list(time_table(swapped)["scenario"]) == ["alpha=5.0", "alpha=50.0"] * 2  # the pivot's column order
-    lines = [label for label, _ in _by_label(df)]  # curves too: one per method and scenario
-    assert lines == [f"{m} (alpha={a})" for m in methods for a in (0.5, 5.0)]
-    assert [label for label, _ in _by_label(swapped)] == [f"{m} (alpha={a})" for m in methods for a in (5.0, 50.0)]
+    lines = [(g.method, g.scenario) for g in groups(df)]  # curves too: one per method and scenario
+    assert lines == [(m, f"alpha={a}") for m in methods for a in (0.5, 5.0)]
+    assert [(g.method, g.scenario) for g in groups(swapped)] == [(m, f"alpha={a}") for m in methods
+                                                                for a in (5.0, 50.0)]
 
 
 def test_rounds_table_gives_mean_and_std_after_each_round(grid, capsys):
@@ -118,8 +120,8 @@ def test_rounds_table_gives_mean_and_std_after_each_round(grid, capsys):
     table = rounds_table(df[df["alpha"] == 0.5], [1, 2, 7])
     assert list(table.columns) == ["round 1", "round 2", "round 7"]
     acc = df[(df["alpha"] == 0.5) & (df["algo"] == "local") & (df["round"] == 2)]["test_acc"] * 100
-    assert table.loc["local", "round 2"] == f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
-    assert table.loc["local", "round 7"] == "–"  # no run went that far
+    assert str(table.loc["local", "round 2"]) == f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
+    assert str(table.loc["local", "round 7"]) == "–"  # no run went that far
     assert main(["compare", str(grid), "--table", "rounds", "--at", "1,x"]) == 2
     assert "--at wants comma-separated round numbers" in capsys.readouterr().err
 
@@ -179,6 +181,7 @@ def test_compare_leaves_out_unfinished_runs_unless_asked(grid, tmp_path, capsys)
     assert capsys.readouterr().out.splitlines()[1].split(",")[5] == "1"  # seeds: the finished one only
     assert main(["compare", str(folder), "--format", "csv", "--unfinished"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split(",")[5] == "2"
+    assert isinstance(Stat.of([0.5]), Stat)
     assert main(["compare", str(folder / "local-0.5-1.h5")]) == 2
     assert "no run read has finished (running); --unfinished (unfinished=True) reads them" in capsys.readouterr().err
     with pytest.warns(UserWarning, match=r"left out 1 unfinished run\(s\).*local-0.5-1 \(running\)"):
@@ -202,3 +205,144 @@ def test_a_result_file_records_the_versions_that_made_it(grid):
     assert env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["numpy"] == np.__version__
     assert env["python"].count(".") == 2
+
+
+# ------------------------------------------------------------------ grouping: only the seed may differ
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """local on digits: lr 0.01 with seeds 0, 1, 2 and lr 0.1 with seed 0, all untagged."""
+    out = tmp_path_factory.mktemp("sweep")
+    for lr, seeds in ((0.01, (0, 1, 2)), (0.1, (0,))):
+        for seed in seeds:
+            run(build(RunConfig, dict(algo="local", dataset="digits", clients=3, rounds=1, lr=lr, seed=seed,
+                                      out=str(out), name=f"lr{lr}-s{seed}", executor="sequential"), "s"),
+                quiet=True)
+    return out
+
+
+def test_runs_that_differ_in_a_setting_are_never_averaged(sweep, capsys):
+    files = [sweep / "lr0.01-s0.h5", sweep / "lr0.1-s0.h5"]
+    table = compare_table(load(files))
+    assert len(table) == 2 and list(table["lr"]) == [0.01, 0.1] and (table["seeds"] == 1).all()
+    assert table["best_acc"].iloc[0].mean != table["best_acc"].iloc[1].mean
+    assert list(pivot_table(load(files)).columns) == ["lr=0.01", "lr=0.1"]
+    three = compare_table(load([sweep / f"lr0.01-s{s}.h5" for s in range(3)]))
+    assert len(three) == 1 and three["seeds"].iloc[0] == 3 and three["best_acc"].iloc[0].n == 3
+    assert main(["compare", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\|\s+lr\s+\|", out.splitlines()[0])
+    assert len([ln for ln in out.splitlines() if ln.startswith("| local")]) == 2
+    assert "mean ± sample standard deviation (ddof 1) over seeds" in out
+
+
+def test_a_second_run_of_one_seed_is_refused_naming_both_files(sweep, tmp_path, capsys):
+    shutil.copy(sweep / "lr0.01-s1.h5", tmp_path / "again.h5")
+    files = [sweep / "lr0.01-s0.h5", sweep / "lr0.01-s1.h5", tmp_path / "again.h5"]
+    with pytest.raises(HtflError, match=r"lr0.01-s1.h5 and .*again.h5 are two runs of one setting with the "
+                                        r"same seed 1"):
+        compare_table(load(files))
+    assert main(["compare", *map(str, files), "--table", "pivot"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_tag_over_several_option_sets_or_a_by_that_mixes_settings_splits_or_refuses(sweep):
+    df = load([sweep / "lr0.01-s0.h5", sweep / "lr0.01-s1.h5"])
+    df.loc[df["run"] == "lr0.01-s1", "options"] = "mix=0.5"  # as if the second had another option
+    df.loc[df["run"] == "lr0.01-s1", "settings"] = df.loc[df["run"] == "lr0.01-s1", "settings"].str.replace(
+        "}", ', "options.mix": 0.5}')
+    assert sorted(compare_table(df)["method"]) == ["local (defaults)", "local (mix=0.5)"]
+    with pytest.raises(HtflError, match=r"grouping by algo would average runs that differ in lr"):
+        compare_table(load([sweep / "lr0.01-s0.h5", sweep / "lr0.1-s0.h5"]), by=["algo"])
+    assert len(compare_table(load([sweep / "lr0.01-s0.h5", sweep / "lr0.1-s0.h5"]), by=["algo", "lr"])) == 2
+
+
+def test_a_file_from_before_the_evaluation_point_setting_counts_as_after_update(sweep, tmp_path):
+    old = tmp_path / "old.h5"
+    shutil.copy(sweep / "lr0.01-s1.h5", old)
+    with h5py.File(old, "r+") as f:
+        cfg = json.loads(f.attrs["config"])
+        del cfg["eval_point"]
+        f.attrs["config"] = json.dumps(cfg)
+    table = compare_table(load([sweep / "lr0.01-s0.h5", old]))
+    assert list(table["eval_point"]) == ["after-broadcast", "after-update"] and (table["seeds"] == 1).all()
+
+
+def test_sample_or_population_std_and_csv_numbers(sweep, capsys):
+    df = load([sweep / f"lr0.01-s{s}.h5" for s in range(3)])
+    best = summarize(df)["best_acc"] * 100
+    sample, population = compare_table(df)["best_acc"].iloc[0], compare_table(df, ddof=0)["best_acc"].iloc[0]
+    assert sample.scaled()[1] == pytest.approx(best.std(ddof=1)) and population.scaled()[1] == pytest.approx(
+        best.std(ddof=0))
+    assert main(["compare", *[str(sweep / f"lr0.01-s{s}.h5") for s in range(3)], "--format", "csv",
+                 "--std", "population"]) == 0
+    import io
+
+    out = capsys.readouterr()
+    csv = pd_read_csv(io.StringIO(out.out))
+    assert csv["best_acc mean (%)"].iloc[0] == pytest.approx(best.mean())
+    assert csv["best_acc std (%) (ddof 0)"].iloc[0] == pytest.approx(best.std(ddof=0))
+    assert csv["best_acc mean (%)"].dtype.kind == "f" and "population standard deviation" in out.err
+
+
+def pd_read_csv(buf):
+    import pandas as pd
+
+    return pd.read_csv(buf)
+
+
+def test_latex_escapes_headers_index_and_cells(sweep, tmp_path):
+    import subprocess
+
+    table = pivot_table(load([sweep / "lr0.01-s0.h5", sweep / "lr0.1-s0.h5"]))
+    table.index = ["my_method & 50%"]
+    table.columns = ["fmnist dir alpha=0.1 join_ratio=0.5", "x#2 {y}"]
+    tex = render(table, "latex")
+    body = tex.split(r"\midrule")[0]
+    assert r"join\_ratio" in body and r"x\#2 \{y\}" in tex and r"my\_method \& 50\%" in tex
+    # by rule: outside math and commands, no special character is left bare
+    for line in tex.splitlines():
+        if line.startswith("%"):
+            continue
+        bare = re.sub(r"\\[A-Za-z]+(\{[^}]*\})?|\\[_&%#${}]|\$[^$]*\$|\{|\}", "", line)
+        assert not re.search(r"[_#%^~]", bare), line
+    engine = shutil.which("pdflatex")
+    if engine is None:
+        pytest.skip("no TeX engine here; the escaping was checked by rule")
+    doc = tmp_path / "t.tex"
+    rules = "".join(f"\\providecommand{{\\{r}}}{{\\hline}}" for r in ("toprule", "midrule", "bottomrule"))
+    doc.write_text(f"\\documentclass{{article}}{rules}\\begin{{document}}\n{tex}\\end{{document}}\n")
+    done = subprocess.run([engine, "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_curves_have_one_panel_per_scenario_and_one_style_per_method(grid, monkeypatch, tmp_path):
+    from htfl_plugins.results import plots
+
+    seen = {}
+    original = plots._save
+
+    def spy(fig, path):
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        seen["titles"] = [ax.get_title() for ax in axes]
+        seen["styles"] = [[(ln.get_color(), ln.get_marker(), ln.get_label()) for ln in ax.get_lines()]
+                          for ax in axes]
+        seen["ticks"] = [ax.get_xticks().tolist() for ax in axes]
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    plots.plot_curves(load(grid), tmp_path / "c.png")
+    assert seen["titles"] == ["alpha=0.5", "alpha=5.0"]
+    first, second = seen["styles"]
+    assert first == second and len({(c, m) for c, m, _ in first}) == 2  # two methods, two styles, same in both
+    assert all(float(t).is_integer() for ticks in seen["ticks"] for t in ticks)
+    plots.plot_acc_vs_upload(load(grid), tmp_path / "u.png")
+    assert seen["titles"] == ["alpha=0.5", "alpha=5.0"]
+    with pytest.raises(HtflError, match="cannot write the figure"):
+        plots.plot_curves(load(grid), tmp_path / "c.nosuchformat")
+
+
+def test_an_unwritable_table_target_is_one_line(grid, capsys):
+    assert main(["compare", str(grid), "-o", "/proc/htfl-no/t.md"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the table to /proc/htfl-no/t.md" in err

@@ -1,60 +1,127 @@
 """Tables from the DataFrame of :func:`htfl_plugins.results.load` (nothing is parsed
 from logs): a summary, the paper-style pivot, accuracy after given rounds, traffic and
-time tables."""
+time tables.
+
+Every table averages only runs that differ in nothing but their seed. Runs are
+grouped by method (the tag, else the algorithm, with its options where one label
+covers several option sets) and by every other setting on which the runs read
+differ; those settings name the table's scenarios (``digits dir clients=10
+lr=0.1``), so a sweep over ``--lr`` gives one row per learning rate. Two runs of
+one group with the same seed are an error naming both files. Cells are
+:class:`Stat` values (mean, standard deviation over seeds, count), rendered as
+``mean ± std`` (markdown, LaTeX) or as separate mean and std columns (CSV).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import numbers
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from htfl_plugins.errors import HtflError
-from htfl_plugins.results.load import summarize
+from htfl_plugins.results.load import SETTINGS, round_metrics, summarize
 
-SCENARIO_KEYS = ["dataset", "partition", "alpha", "clients", "join_ratio", "models", "few_shot"]
+#: The settings that describe a scenario, first in a scenario's label; any other
+#: setting on which runs differ (``lr``, ``rounds``, ``eval_point``, ...) follows.
+SCENARIO_KEYS = ["dataset", "partition", "alpha", "classes_per_client", "clients", "join_ratio", "models",
+                 "few_shot"]
+BARE = ("dataset", "partition", "models")  # shown by value alone in a label; others as key=value
+METHOD_KEYS = ("algo", "tag")  # the method label covers these (and the options)
+SUMMARY_KEYS = ["dataset", "partition", "clients", "models"]  # columns of every summary table
 DIVERGED_NOTE = ("† a run of this cell diverged (more than --failure-tolerance of a round's clients "
                  "failed); its accuracy is what it had reached by then")
+RUN_METRICS = ("best_acc", "last_acc", "best_auc")  # one value per run; the per-round ones are listed by load
+MB = 1e6
 
 
-def _pm(values: pd.Series, scale: float = 100.0, digits: int = 2) -> str:
-    v = values.dropna() * scale
-    if len(v) == 0:
-        return "–"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+def std_note(ddof: int) -> str:
+    kind = "sample standard deviation (ddof 1)" if ddof == 1 else "population standard deviation (ddof 0, PFLlib's)"
+    return f"mean ± {kind} over seeds"
 
 
-def _diverged(g: pd.DataFrame) -> bool:
-    """Whether one of these runs diverged."""
-    return bool((g["status"] == "diverged").any())
+# ------------------------------------------------------------------ cells
+@dataclass(frozen=True)
+class Stat:
+    """One table cell: mean and standard deviation of a metric over a group's runs."""
+
+    mean: float
+    std: float  # NaN for a single run
+    n: int
+    percent: bool = True  # shown ×100
+    diverged: bool = False  # one of the runs diverged (marked †, never bold)
+    best: bool = False  # the best mean of its column (bold)
+
+    @classmethod
+    def of(cls, values, ddof: int = 1, percent: bool = True, diverged: bool = False) -> Stat:
+        v = pd.Series(values, dtype=float).dropna()
+        if len(v) == 0:
+            return cls(math.nan, math.nan, 0, percent, diverged)
+        std = float(v.std(ddof=ddof)) if len(v) > ddof else math.nan
+        return cls(float(v.mean()), std, len(v), percent, diverged)
+
+    def scaled(self) -> tuple[float, float]:
+        k = 100.0 if self.percent else 1.0
+        return self.mean * k, self.std * k
+
+    def text(self, pm: str = "±") -> str:
+        if self.n == 0:
+            return "–"
+        mean, std = self.scaled()
+        fmt = (lambda x: f"{x:.2f}") if self.percent else (lambda x: f"{x:.4g}")
+        out = fmt(mean) if self.n == 1 or math.isnan(std) else f"{fmt(mean)} {pm} {fmt(std)}"
+        return out + (" †" if self.diverged else "")
+
+    def __str__(self) -> str:
+        return self.text()
 
 
-def _cell(g: pd.DataFrame, metric: str) -> str:
-    """mean ± std (%) of one table cell's runs, marked † if one of them diverged."""
-    return _pm(g[metric]) + (" †" if _diverged(g) else "")
+def is_percent(metric: str) -> bool:
+    """Accuracies and AUCs are shown in percent; other metrics as they are."""
+    return metric in RUN_METRICS or "acc" in metric or "auc" in metric
 
 
-def with_method(df: pd.DataFrame) -> pd.DataFrame:
-    """Add a ``method`` column: the run's tag, else its algorithm, followed by its
-    options only where one algorithm appears with several option sets."""
-    out = df.copy()
-    variants = out.groupby("algo")["options"].nunique()
-    out["method"] = [t if t else (f"{a} ({o})" if variants[a] > 1 and o else a)
-                     for t, a, o in zip(out["tag"].fillna(""), out["algo"], out["options"].fillna(""))]
+def _stat(g: pd.DataFrame, metric: str, ddof: int) -> Stat:
+    return Stat.of(g[metric], ddof, is_percent(metric), bool((g["status"] == "diverged").any()))
+
+
+# ------------------------------------------------------------------ grouping
+def with_method(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add a ``method`` column: the run's tag, else its algorithm; where one label
+    covers several algorithms or option sets, each gets them appended."""
+    out = runs.copy()
+    base = [t if t else a for t, a in zip(out["tag"].fillna(""), out["algo"])]
+    out["method"] = base
+    kinds = out.assign(_base=base).groupby("_base")[["algo", "options"]].nunique()
+    labels = []
+    for b, a, o in zip(base, out["algo"], out["options"].fillna("")):
+        several_algos, several_options = kinds.loc[b, "algo"] > 1, kinds.loc[b, "options"] > 1
+        parts = ([a] if several_algos and a != b else []) + ([o or "defaults"] if several_options else [])
+        labels.append(f"{b} ({', '.join(parts)})" if parts else b)
+    out["method"] = labels
     return out
 
 
-def _scenario_label(key, names) -> str:
-    key = key if isinstance(key, tuple) else (key,)
-    parts = [f"{n}={v}" if n in ("alpha", "clients", "join_ratio", "few_shot") else str(v) for n, v in zip(names, key)]
+def differing_settings(runs: pd.DataFrame) -> list[str]:
+    """The settings (besides algorithm, tag and options) on which the runs differ:
+    scenario keys first, then the others in RunConfig's order."""
+    keys = SCENARIO_KEYS + [k for k in SETTINGS if k not in SCENARIO_KEYS and k not in METHOD_KEYS]
+    return [k for k in keys if k in runs and runs[k].astype(str).nunique() > 1]
+
+
+def _label(values: dict) -> str:
+    parts = [str(v) if k in BARE else f"{k}={v}" for k, v in values.items()]
     return " ".join(parts) or "default"
 
 
 def _column_order(keys: list) -> list:
-    """Scenario keys with numeric parts ascending (``clients=50`` before
-    ``clients=100``, whatever the file names' order) and named parts in the order
-    they first appear."""
+    """Keys (tuples of setting values) with numeric parts ascending (``clients=50``
+    before ``clients=100``, whatever the file names' order) and named parts in the
+    order they first appear."""
     tuples = [k if isinstance(k, tuple) else (k,) for k in keys]
     seen: list[dict] = [{} for _ in tuples[0]] if tuples else []
 
@@ -67,125 +134,217 @@ def _column_order(keys: list) -> list:
     return [k for _, k in sorted(zip(ranks, keys), key=lambda rk: rk[0])]
 
 
-def scenario_columns(df: pd.DataFrame) -> list[str]:
-    """The scenario keys on which the runs in ``df`` differ."""
-    return [c for c in SCENARIO_KEYS if df[c].nunique(dropna=False) > 1]
+@dataclass
+class Group:
+    """Runs that differ only in their seed."""
+
+    method: str
+    scenario: str  # label of the differing settings' values ("" where the runs share one scenario)
+    rank: int  # the scenario's place among the scenarios shown
+    runs: pd.DataFrame  # one row per run (summarize's columns)
 
 
-def with_scenario(df: pd.DataFrame) -> pd.DataFrame:
-    """:func:`with_method` plus a ``scenario`` column that names each row's scenario by
-    the keys on which the runs differ ("" where they all share one), so that nothing
-    averages runs of different scenarios together."""
-    out = with_method(df)
-    cols = scenario_columns(out)
-    out["scenario"] = [_scenario_label(k, cols) for k in out[cols].itertuples(index=False, name=None)] if cols else ""
-    return out
-
-
-def method_scenario_groups(df: pd.DataFrame) -> list:
-    """``((method, scenario), rows)`` of :func:`with_scenario`'s rows: methods in the
-    order they first appear, each one's scenarios in the pivot's column order
-    (numeric keys ascending). The rows of every per-method table and figure."""
-    runs = with_scenario(df)
-    cols = scenario_columns(runs)
-    keys = list(dict.fromkeys(runs[cols].itertuples(index=False, name=None))) if cols else []
-    rank = {_scenario_label(k, cols): i for i, k in enumerate(_column_order(keys))} if cols else {"": 0}
-    order = {m: i for i, m in enumerate(dict.fromkeys(runs["method"]))}
-    return sorted(runs.groupby(["method", "scenario"], sort=False), key=lambda kg: (order[kg[0][0]], rank[kg[0][1]]))
-
-
-def _per_method(df: pd.DataFrame, row) -> pd.DataFrame:
-    """One row per method, and per scenario where the runs cover several (then with a
-    ``scenario`` column), of the dict ``row(rows of that group)``."""
-    groups = method_scenario_groups(df)
-    several = len({s for (_, s), _ in groups}) > 1
-    out = [{"method": m, **({"scenario": s} if several else {}), **row(g)} for (m, s), g in groups]
-    return pd.DataFrame(out).set_index("method")
-
-
-def compare_table(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """One row per group (default: method and scenario, that is dataset, partition,
-    clients, models and any other scenario key on which the runs differ, in the order
-    of :func:`method_scenario_groups`; with ``by``, numeric keys ascending): mean ± std
-    over seeds of best and last accuracy (%), bytes up/down and seconds per training
-    round."""
-    runs = with_method(summarize(df))
+def groups(df: pd.DataFrame, by: list[str] | None = None) -> list[Group]:
+    """The groups of runs that a table's rows (and a figure's lines) show: methods in
+    the order they first appear, each one's scenarios in :func:`_column_order`.
+    With ``by``, groups are the distinct values of those columns instead (ordered
+    alike), which must still never put runs of different settings together. Two
+    runs of a group with the same seed are an error naming both files."""
+    runs = with_method(summarize(df) if "round" in df.columns else df)
+    diff = differing_settings(runs)
+    values = list(runs[diff].itertuples(index=False, name=None)) if diff else [()] * len(runs)
+    labels = [_label(dict(zip(diff, v))) if diff else "" for v in values]
+    runs["scenario"] = labels
+    rank = {_label(dict(zip(diff, v))) if diff else "": i
+            for i, v in enumerate(_column_order(list(dict.fromkeys(values))))}
+    keys = by or ["method", "scenario"]
+    unknown = [c for c in keys if c not in runs.columns]
+    if unknown:
+        raise HtflError(f"cannot group by {', '.join(unknown)}: not a column of the runs read "
+                        f"(columns: {', '.join(runs.columns)})")
+    found = {}
+    for key, g in runs.groupby(keys, sort=False, dropna=False):
+        _check_one_setting(g, keys)
+        _check_seeds(g)
+        first = g.iloc[0]
+        found[key] = Group(str(first["method"]), str(first["scenario"]), rank[first["scenario"]], g)
     if by:
-        unknown = [c for c in by if c not in runs.columns]
-        if unknown:
-            raise HtflError(f"cannot group by {', '.join(unknown)}: not a column of the runs read "
-                            f"(columns: {', '.join(runs.columns)})")
-        grouped = dict(list(runs.groupby(by, sort=False, dropna=False)))
-        groups = [grouped[k] for k in _column_order(list(grouped))]
-    else:
-        by = ["method", *dict.fromkeys(["dataset", "partition", "clients", "models", *scenario_columns(runs)])]
-        groups = [g for _, g in method_scenario_groups(runs)]
-    return pd.DataFrame([{**g.iloc[0][by].to_dict(), "seeds": len(g),
-                          "best_acc": _cell(g, "best_acc"), "last_acc": _cell(g, "last_acc"),
-                          "upload_bytes/round": g["upload_bytes"].mean(),
-                          "download_bytes/round": g["download_bytes"].mean(),
-                          "s/round": g["round_seconds"].mean()} for g in groups])
+        return [found[k] for k in _column_order(list(found))]
+    methods = {m: i for i, m in enumerate(dict.fromkeys(runs["method"]))}
+    return sorted(found.values(), key=lambda gr: (methods[gr.method], gr.rank))
 
 
-def pivot_table(df: pd.DataFrame, metric: str = "best_acc", cols=None,
-                bold: str = "**{}**") -> pd.DataFrame:
-    """The paper's layout: rows are methods, columns scenarios, cells mean ± std (%)
-    over seeds of ``metric``; the best mean of each column is wrapped in ``bold``
-    (cells with a diverged run are marked † and never bold)."""
-    runs = with_method(summarize(df))
-    cols = cols or scenario_columns(runs) or ["dataset"]
-    cells, means, keys = {}, {}, {}
-    for rlabel, rg in runs.groupby("method", sort=False):
-        for ckey, g in rg.groupby(cols, sort=False, dropna=False):
-            clabel = _scenario_label(ckey, cols)
-            keys.setdefault(ckey, clabel)
-            cells[(rlabel, clabel)] = _cell(g, metric)
-            if not _diverged(g):
-                means[(rlabel, clabel)] = g[metric].mean()
-    row_labels = list(dict.fromkeys(r for r, _ in cells))
-    col_labels = [keys[k] for k in _column_order(list(keys))]
-    table = pd.DataFrame("–", index=row_labels, columns=col_labels)
-    for (r, c), text in cells.items():
-        table.loc[r, c] = text
-    for c in col_labels:
-        col = {r: m for (r, cc), m in means.items() if cc == c and pd.notna(m)}
-        if col and bold:
-            best = max(col, key=col.get)
-            table.loc[best, c] = bold.format(table.loc[best, c])
+def _check_one_setting(g: pd.DataFrame, keys: list[str]) -> None:
+    if g["settings"].nunique() <= 1:
+        return
+    a, b = (json.loads(s) for s in g["settings"].unique()[:2])
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise HtflError(f"grouping by {','.join(keys)} would average runs that differ in "
+                    f"{', '.join(differ)} (e.g. {Path(g['path'].iloc[0]).name}); add "
+                    f"{differ[0].removeprefix('options.')} to --by, or leave --by out")
+
+
+def _check_seeds(g: pd.DataFrame) -> None:
+    dup = g[g["seed"].duplicated(keep=False)]
+    if len(dup):
+        seed = dup["seed"].iloc[0]
+        files = dup[dup["seed"] == seed]["path"].tolist()
+        raise HtflError(f"{files[0]} and {files[1]} are two runs of one setting with the same seed {seed}; "
+                        "a table averages over seeds, so keep one (or give them different --tag)")
+
+
+# ------------------------------------------------------------------ tables
+def _metric_column(df: pd.DataFrame, metric: str) -> str:
+    """Check that ``metric`` is one a table can show: a per-run one or a per-round one."""
+    known = [*RUN_METRICS, *round_metrics(df)]
+    if metric not in known:
+        raise HtflError(f"--metric {metric!r} is not in these results (known: {', '.join(known)})")
+    return metric
+
+
+def compare_table(df: pd.DataFrame, by: list[str] | None = None, ddof: int = 1,
+                  metric: str | None = None) -> pd.DataFrame:
+    """One row per group of :func:`groups`: method, the scenario keys of
+    :data:`SUMMARY_KEYS`, every other setting on which the rows differ, the number
+    of distinct seeds, mean ± std of best and last accuracy (%), MB up/down and
+    seconds per training round; ``metric`` adds that metric's column (a per-round
+    metric at its last finite value)."""
+    gs = groups(df, by)
+    runs = pd.concat([g.runs for g in gs])
+    cols = by or ["method", *dict.fromkeys([*SUMMARY_KEYS, *differing_settings(runs)])]
+    if metric and metric not in ("best_acc", "last_acc"):
+        _metric_column(df, metric)
+    rows = []
+    for g in gs:
+        r = g.runs
+        row = {**{c: r.iloc[0][c] for c in cols}, "seeds": r["seed"].nunique(),
+               "best_acc": _stat(r, "best_acc", ddof), "last_acc": _stat(r, "last_acc", ddof)}
+        if metric and metric not in row:
+            row[metric] = _stat(r, metric, ddof)
+        row.update({"upload MB/round": r["upload_bytes"].mean() / MB,
+                    "download MB/round": r["download_bytes"].mean() / MB,
+                    "s/round": r["round_seconds"].mean()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pivot_table(df: pd.DataFrame, metric: str = "best_acc", ddof: int = 1) -> pd.DataFrame:
+    """The paper's layout: rows are methods, columns scenarios (every setting on which
+    the runs differ), cells mean ± std over seeds of ``metric``; the best mean of each
+    column is marked bold (cells with a diverged run are marked † and never bold;
+    for a loss-like per-round metric the lowest mean is best)."""
+    metric = _metric_column(df, metric)
+    gs = groups(df)
+    rows = list(dict.fromkeys(g.method for g in gs))
+    cols = list(dict.fromkeys(g.scenario or "all" for g in sorted(gs, key=lambda g: g.rank)))
+    table = pd.DataFrame(Stat(math.nan, math.nan, 0), index=rows, columns=cols, dtype=object)
+    for g in gs:
+        table.loc[g.method, g.scenario or "all"] = _stat(g.runs, metric, ddof)
+    lower = "loss" in metric or "mmd" in metric or "mse" in metric
+    for c in cols:
+        cands = {r: s.mean for r, s in table[c].items() if s.n and not s.diverged and not math.isnan(s.mean)}
+        if cands:
+            best = (min if lower else max)(cands, key=cands.get)
+            table.loc[best, c] = replace(table.loc[best, c], best=True)
     table.index.name = "method"
     return table
 
 
+def _per_group(df: pd.DataFrame, row) -> pd.DataFrame:
+    """One row per group of :func:`groups` (with a ``scenario`` column where they
+    cover several scenarios) of the dict ``row(that group's per-round rows)``."""
+    gs = groups(df)
+    several = len({g.scenario for g in gs}) > 1
+    out = []
+    for g in gs:
+        rows = df[df["run"].isin(g.runs["run"])]
+        out.append({"method": g.method, **({"scenario": g.scenario} if several else {}), **row(rows)})
+    return pd.DataFrame(out).set_index("method")
+
+
 def traffic_table(df: pd.DataFrame) -> pd.DataFrame:
     """Elements (floats and int labels) sent per training round by all clients, in
-    millions, as in the FedKTL paper's Table 5; and bytes."""
-    return _per_method(df[df["round"] > 0], lambda g: {
-        "upload (M)": g["upload_elements"].mean() / 1e6, "download (M)": g["download_elements"].mean() / 1e6,
-        "upload MB": g["upload_bytes"].mean() / 1e6, "download MB": g["download_bytes"].mean() / 1e6})
+    millions, as in the FedKTL paper's Table 5; and MB."""
+    def row(g):
+        t = g[g["round"] > 0]
+        return {"upload (M)": t["upload_elements"].mean() / 1e6, "download (M)": t["download_elements"].mean() / 1e6,
+                "upload MB": t["upload_bytes"].mean() / MB, "download MB": t["download_bytes"].mean() / MB}
+    return _per_group(df, row)
 
 
 def time_table(df: pd.DataFrame) -> pd.DataFrame:
     """Seconds per training round (local work + server) and per evaluation."""
-    return _per_method(df[df["round"] > 0], lambda g: {
-        "train s/round": g["train_seconds"].mean(), "eval s/round": g["eval_seconds"].dropna().mean(),
-        "total s/round": g["round_seconds"].mean()})
+    def row(g):
+        t = g[g["round"] > 0]
+        return {"train s/round": t["train_seconds"].mean(), "eval s/round": t["eval_seconds"].dropna().mean(),
+                "total s/round": t["round_seconds"].mean()}
+    return _per_group(df, row)
 
 
-def rounds_table(df: pd.DataFrame, rounds: list[int], metric: str = "test_acc") -> pd.DataFrame:
-    """Rows are methods, columns the given rounds, cells mean ± std (%) over seeds
-    of ``metric`` after that many training rounds (– where a run has no such row)."""
-    return _per_method(df, lambda g: {f"round {r}": _pm(g.loc[g["round"] == r, metric]) for r in rounds})
+def rounds_table(df: pd.DataFrame, rounds: list[int], metric: str = "test_acc", ddof: int = 1) -> pd.DataFrame:
+    """Rows are methods (and scenarios), columns the given rounds, cells mean ± std
+    over seeds of the per-round ``metric`` after that many training rounds (– where
+    a run has no such row)."""
+    if metric not in ("test_acc", "test_auc", "train_loss"):
+        metric = _metric_column(df, metric)
+
+    def row(g):
+        return {f"round {r}": Stat.of(g.loc[g["round"] == r, metric], ddof, is_percent(metric),
+                                      bool((g["status"] == "diverged").any())) for r in rounds}
+    return _per_group(df, row)
 
 
-def render(table: pd.DataFrame, fmt: str, index: bool = True) -> str:
-    """markdown, csv or latex text of a table."""
+# ------------------------------------------------------------------ rendering
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "†": r"$^\dagger$", "–": "--", "×": r"$\times$", "²": r"$^2$"}
+
+
+def latex_escape(text) -> str:
+    """``text`` with every character LaTeX treats specially spelt out."""
+    return "".join(LATEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def _csv_frame(table: pd.DataFrame, ddof: int) -> pd.DataFrame:
+    """Each column of :class:`Stat` cells as a mean and a std column of numbers."""
+    out = {}
+    for c in table.columns:
+        col = table[c]
+        if len(col) and all(isinstance(v, Stat) for v in col):
+            unit = " (%)" if any(v.percent for v in col) else ""
+            out[f"{c} mean{unit}"] = [v.scaled()[0] for v in col]
+            out[f"{c} std{unit} (ddof {ddof})"] = [v.scaled()[1] for v in col]
+            if any(v.diverged for v in col):
+                out[f"{c} diverged"] = [v.diverged for v in col]
+        else:
+            out[c] = col.tolist()
+    return pd.DataFrame(out, index=table.index)
+
+
+def render(table: pd.DataFrame, fmt: str, index: bool = True, ddof: int = 1) -> str:
+    """markdown, csv or latex text of a table (a markdown or LaTeX table of
+    mean ± std cells is followed by a line saying which std)."""
+    has_stats = any(isinstance(v, Stat) for v in np.ravel(table.to_numpy()))
     if fmt == "csv":
-        return table.to_csv(index=index)
+        return _csv_frame(table, ddof).to_csv(index=index)
     if fmt == "latex":
         def cell(v):
-            if not isinstance(v, str):
-                return v
-            text = v.strip("*").replace("±", r"$\pm$")
-            return r"\textbf{" + text + "}" if v.startswith("**") else text
-        return table.map(cell).to_latex(index=index, float_format="%.4g", escape=False)
-    return table.to_markdown(index=index, floatfmt=".4g")
+            if isinstance(v, Stat):
+                text = v.text(pm="±")
+                return r"\textbf{" + latex_escape(text) + "}" if v.best else latex_escape(text)
+            if isinstance(v, float):
+                return f"{v:.4g}"
+            return latex_escape(v)
+        body = table.map(cell)
+        body.columns = [latex_escape(c) for c in body.columns]
+        body.index = [latex_escape(i) for i in body.index]
+        body.index.name = latex_escape(table.index.name) if table.index.name else None
+        text = body.to_latex(index=index, escape=False)
+        return text + (f"% {std_note(ddof).replace('±', '+/-')}\n" if has_stats else "")
+
+    def md(v):
+        if isinstance(v, Stat):
+            return f"**{v.text()}**" if v.best else v.text()
+        return v
+    text = table.map(md).to_markdown(index=index, floatfmt=".4g")
+    return text + (f"\n\n{std_note(ddof)}" if has_stats else "")
