@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PDFLATEX := /usr/bin/pdflatex
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data run test bench lint clean
@@ -12,17 +13,23 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,diffusion,ray]'
+# constraints.txt pins every package's version, so that results reproduce.
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,diffusion,ray]'
 	# The default FedKTL generator's weights ship in this package; its declared
 	# dependencies (wandb, ...) are not needed to read them.
-	$(BIN)/pip install -q --no-deps gan_face_generate==1.1.1 omniart-eye-generator==0.1
+	$(BIN)/pip install -q --no-deps -c constraints.txt gan_face_generate==1.1.1 omniart-eye-generator==0.1
 	touch $@
 
 $(FMNIST):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+
+# A TeX engine, for the test that compiles a LaTeX table (30 s to install).
+$(PDFLATEX):
+	$(SUDO) apt-get install -y -q --no-install-recommends texlive-latex-base || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends texlive-latex-base; }
 
 setup: $(VENV)/.installed
 data: $(FMNIST)
@@ -30,7 +37,7 @@ data: $(FMNIST)
 run: setup data
 	$(BIN)/htfl run --algo fedktl
 
-test: setup data lint
+test: setup data lint $(PDFLATEX)
 	$(BIN)/python -m pytest -q
 
 # benchmarks/RESULTS.md: runs the suites (skipping finished cells) and writes the
