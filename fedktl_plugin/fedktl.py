@@ -36,7 +36,7 @@ class FedKTLOptions:
     server_lr: float = opt(0.01, "Adam learning rate of the feature transformer and centroids", min=0.0)
     server_epochs: int = opt(100, "passes over the uploaded prototypes per round", min=0)
     server_batch_size: int = opt(100, "prototypes per server step", min=2)
-    gen_batch_size: int = opt(4, "latents per generator call (memory only)", min=1)
+    gen_batch_size: int = opt(4, "latents per generator call (memory only)", min=1, compared=False)
     generator: str = opt("dcgan-face", "pretrained generator (see `htfl list generators`)")
     generator_path: str = opt("", "weights file or folder for the generator (stylegan pickle, "
                               "diffusers folder; optional for packaged generators)")
@@ -48,7 +48,8 @@ class FedKTLOptions:
     arcface_m: float = opt(0.5, "ArcFace angular margin m (radians)", min=0.0)
     arcface_monotone: bool = opt(True, "past θ > π − m use cos θ − m·sin m as the true-class "
                                  "target, so samples far from their anchor are pulled back "
-                                 "(false: cos(θ + m) everywhere, the authors' code)")
+                                 "(false: cos(θ + m) everywhere, the authors' code)",
+                                 legacy=False)  # runs from before the option had the authors' target
     proj: str = opt("keep", "projection head h': 'keep' (per client, trained across rounds, as "
                     "the paper's figure) or 'reset' (shared initialisation every round, as the "
                     "authors' code)", choices=["keep", "reset"])
@@ -61,9 +62,10 @@ class FedKTLOptions:
                        choices=["aligned", "prior"])
     centroid_stats: str = opt("batch", "BatchNorm statistics of F when the centroids are set: 'batch' "
                               "(statistics of all uploaded prototypes, the ones MMD aligned) or 'eval' "
-                              "(running statistics, the authors' code)", choices=["batch", "eval"])
+                              "(running statistics, the authors' code)", choices=["batch", "eval"],
+                              legacy="eval")
     save_images: int = opt(1, "save the generated images as a PNG grid every N rounds (0: never)",
-                           min=0)
+                           min=0, compared=False)
 
 
 def make_generator(options: FedKTLOptions, ctx, load: bool = True):

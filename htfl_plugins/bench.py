@@ -112,12 +112,18 @@ def estimated_steps(cfg: RunConfig, plugins) -> int | None:
 
 def changed_settings(cell: Cell, stored: dict) -> list[str]:
     """The settings that make a run what it is (``config.compared_settings``: all but
-    the seed, names, folders and where clients run) on which ``cell``'s stored run
+    the seed, names, folders and where clients run, and every option of the
+    algorithm but those marked ``compared=False``) on which ``cell``'s stored run
     differs from what the suite gives it now, as ``key then → now``. A setting the
-    stored run lacks counts as what it ran with (``config.LEGACY``, else today's
-    default); an algorithm option is compared where the suite names it."""
+    stored run lacks counts as what it ran with (its ``legacy`` value, else
+    today's default), and so does one the suite leaves out."""
+    from htfl_plugins.results.load import options_class
+
     now_cfg = config_mod.to_dict(cell.config)
-    then, now = config_mod.compared_settings(stored), config_mod.compared_settings(now_cfg)
+    cls = options_class(cell.config.algo)
+    if cls is not None:  # the options the cell will run with, defaults included
+        now_cfg["options"] = config_mod.to_dict(config_mod.build(cls, dict(cell.config.options), "options"))
+    then, now = config_mod.compared_settings(stored, cls), config_mod.compared_settings(now_cfg, cls)
     then["seed"], now["seed"] = stored.get("seed"), now_cfg["seed"]
     return [f"{key} {then.get(key)!r} → {value!r}" for key, value in now.items()
             if key in then and then[key] != value]

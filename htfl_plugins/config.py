@@ -17,10 +17,21 @@ from typing import Any
 
 from htfl_plugins.errors import HtflError
 
+_NONE = object()
 
-def opt(default, help: str, *, choices=None, alias: str | None = None, min=None, max=None):
-    """A dataclass field with a help text, optional choices and a numeric range."""
-    meta = {"help": help, "choices": choices, "alias": alias, "min": min, "max": max}
+
+def opt(default, help: str, *, choices=None, alias: str | None = None, min=None, max=None,
+        compared: bool = True, legacy=_NONE):
+    """A dataclass field with a help text, optional choices and a numeric range.
+
+    ``compared=False`` marks a setting that does not change what a run computes
+    (where it runs, how fast, where files go): tables do not tell runs apart by
+    it. ``legacy`` is what a result file written before the setting existed ran
+    with, where that is not ``default`` (a setting added with a new behaviour as
+    its default, or whose default changed since)."""
+    meta = {"help": help, "choices": choices, "alias": alias, "min": min, "max": max, "compared": compared}
+    if legacy is not _NONE:
+        meta["legacy"] = legacy
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,7 +48,7 @@ class RunConfig:
     algo: str = opt("fedktl", "algorithm to run (see `htfl list algorithms`)")
     dataset: str = opt("fmnist", "data source: digits, fmnist, mnist, cifar10, cifar100, "
                        "tinyimagenet, flowers102 or pfl:<dir>")
-    data_root: str = opt("", "folder holding the dataset files (torchvision layout)")
+    data_root: str = opt("", "folder holding the dataset files (torchvision layout)", compared=False)
     partition: str = opt("dir", "how samples are split over clients (see `htfl list "
                          "partitioners`)")
     alpha: float = opt(0.1, "Dirichlet concentration for dir/exdir", min=1e-6)
@@ -63,9 +74,9 @@ class RunConfig:
     eval_point: str = opt("after-broadcast", "when round r is scored: after-broadcast (HtFLlib's protocol: "
                           "every client has received what the server sends after round r's update, "
                           "as it would for inference) or after-update (right after the server's "
-                          "update, before any client receives it)", choices=list(EVAL_POINTS))
+                          "update, before any client receives it)", choices=list(EVAL_POINTS), legacy="after-update")
     checkpoint_every: int = opt(10, "write the whole run state every N rounds (and at round 0) next "
-                                "to the result file, for `htfl resume` (0: never)", min=0)
+                                "to the result file, for `htfl resume` (0: never)", min=0, compared=False)
     failure_tolerance: float = opt(0.5, "a client whose local update raises or turns non-finite "
                                    "is dropped from the round; the run stops when more than this "
                                    "share of a round's clients fail (status 'diverged')", min=0.0, max=1.0)
@@ -78,25 +89,25 @@ class RunConfig:
     few_shot: int = opt(0, "cap on training samples per class and client (0: no cap)", min=0)
     data_seed: int = opt(1, "seed of the partition and train/test split (fixed across "
                          "run seeds, as in PFLlib)", min=0, max=MAX_SEED)
-    seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0, max=MAX_SEED)
-    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)")
-    threads: int = opt(0, "torch threads (0: leave torch's default)", min=0)
+    seed: int = opt(0, "seed of everything else: models, client order, sampling", min=0, max=MAX_SEED, compared=False)
+    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, ...)", compared=False)
+    threads: int = opt(0, "torch threads (0: leave torch's default)", min=0, compared=False)
     executor: str = opt("auto", "who runs the clients' training and evaluation: sequential (this "
                         "process), process (a pool of --workers processes, one torch thread each), ray "
                         "(--workers Ray actors, one CPU each; needs htfl[ray]) or auto (process on a CPU "
                         "with two or more cores when two or more clients train per round, else sequential)",
-                        choices=["auto", "sequential", "process", "ray"])
+                        choices=["auto", "sequential", "process", "ray"], compared=False)
     workers: int = opt(0, "worker processes or Ray actors of --executor process/ray/auto (0: one per "
-                       "usable CPU core of this machine, at most one per client)", min=0)
+                       "usable CPU core of this machine, at most one per client)", min=0, compared=False)
     ray_address: str = opt("", "Ray cluster to join with --executor ray (e.g. ray://head:10001 or "
-                           "auto; empty: start a local Ray instance)")
+                           "auto; empty: start a local Ray instance)", compared=False)
     client_state: str = opt("memory", "where clients live between rounds: memory (all live) or disk "
                             "(state files beside the result; only the clients at work are live)",
-                            choices=["memory", "disk"])
-    out: str = opt("results", "folder for the HDF5 result file")
-    name: str = opt("", "result file name without .h5 (default: derived from the settings)")
+                            choices=["memory", "disk"], compared=False)
+    out: str = opt("results", "folder for the HDF5 result file", compared=False)
+    name: str = opt("", "result file name without .h5 (default: derived from the settings)", compared=False)
     tag: str = opt("", "free-form label stored with the results (tables group by it)")
-    cache_dir: str = opt("", "scenario cache folder (default: $HTFL_HOME or ~/.cache/htfl)")
+    cache_dir: str = opt("", "scenario cache folder (default: $HTFL_HOME or ~/.cache/htfl)", compared=False)
     options: dict = opt({}, "algorithm options (TOML table [options]; flags on the CLI)")
 
 
@@ -192,39 +203,57 @@ def build(cls, values: dict[str, Any], what: str):
 
 
 # ------------------------------------------------------------------ what makes two runs comparable
-#: Run settings that by design do not change what a run computes (where clients run,
-#: how many threads or workers, where files go) or that name the run; with the seed
-#: they are left out when runs are grouped (``htfl compare``) or checked against a
-#: suite (``htfl bench``). Thread counts and executors change floating-point
-#: reduction order only; two runs differing just there have the same seed, and a
-#: table refuses to average them.
-NOT_COMPARED = ("seed", "name", "out", "cache_dir", "data_root", "device", "threads", "executor",
-                "workers", "ray_address", "client_state", "checkpoint_every")
-#: What a result file that lacks a setting (written before the setting existed) ran
-#: with, where that is not today's default.
-LEGACY = {"eval_point": "after-update"}
+def field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def ran_with(f: dataclasses.Field):
+    """What a stored run that lacks setting ``f`` (written before it existed) ran with."""
+    return (f.metadata or {}).get("legacy", field_default(f))
+
+
+def compared(f: dataclasses.Field) -> bool:
+    return (f.metadata or {}).get("compared", True)
 
 
 def with_legacy(stored: dict) -> dict:
     """A stored run config with the settings it lacks set to what it ran with
-    (:data:`LEGACY`), so that resuming it keeps its protocol."""
-    return {**{k: v for k, v in LEGACY.items() if k not in stored}, **stored}
+    (their ``legacy`` value), so that resuming it keeps its protocol."""
+    missing = {f.name: f.metadata["legacy"] for f in fields_of(RunConfig)
+               if f.name not in stored and "legacy" in (f.metadata or {})}
+    return {**missing, **stored}
 
 
-def compared_settings(stored: dict) -> dict:
+#: Run settings left out when runs are grouped (``htfl compare``) or checked against
+#: a suite (``htfl bench``): the seed, and those marked ``compared=False``. Thread
+#: counts and executors change floating-point reduction order only; two runs that
+#: differ just there have the same seed, and a table refuses to average them.
+NOT_COMPARED = tuple(f.name for f in fields_of(RunConfig) if not compared(f))
+
+
+def compared_settings(stored: dict, options_cls=None) -> dict:
     """The settings of a stored run config (``to_dict`` form) that make it the run it
     is: every run setting but :data:`NOT_COMPARED`, a setting the file lacks taken
-    as what that file ran with (:data:`LEGACY`, else today's default), and each
-    algorithm option as ``options.<name>``."""
+    as what that file ran with (:func:`ran_with`), and each algorithm option as
+    ``options.<name>``. With the algorithm's options dataclass, options marked
+    ``compared=False`` are left out and missing ones filled likewise; without it
+    (the algorithm is not installed) the stored options are taken as they are."""
     out = {}
     for f in fields_of(RunConfig):
-        if f.name in NOT_COMPARED or f.name == "options":
-            continue
-        if f.name in stored:
-            out[f.name] = stored[f.name]
-        else:
-            out[f.name] = LEGACY.get(f.name, f.default)
-    for k, v in sorted((stored.get("options") or {}).items()):
+        if compared(f) and f.name != "options":
+            out[f.name] = stored[f.name] if f.name in stored else ran_with(f)
+    options = dict(stored.get("options") or {})
+    if options_cls is not None:
+        for f in fields_of(options_cls):
+            if not compared(f):
+                options.pop(f.name, None)
+            elif f.name not in options:
+                options[f.name] = ran_with(f)
+    for k, v in sorted(options.items()):
         out[f"options.{k}"] = v
     return out
 

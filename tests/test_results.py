@@ -250,7 +250,7 @@ def test_a_tag_over_several_option_sets_or_a_by_that_mixes_settings_splits_or_re
     df.loc[df["run"] == "lr0.01-s1", "options"] = "mix=0.5"  # as if the second had another option
     df.loc[df["run"] == "lr0.01-s1", "settings"] = df.loc[df["run"] == "lr0.01-s1", "settings"].str.replace(
         "}", ', "options.mix": 0.5}')
-    assert sorted(compare_table(df)["method"]) == ["local (defaults)", "local (mix=0.5)"]
+    assert sorted(compare_table(df)["method"]) == ["local (mix=0.5)", "local (mix=–)"]
     with pytest.raises(HtflError, match=r"grouping by algo would average runs that differ in lr"):
         compare_table(load([sweep / "lr0.01-s0.h5", sweep / "lr0.1-s0.h5"]), by=["algo"])
     assert len(compare_table(load([sweep / "lr0.01-s0.h5", sweep / "lr0.1-s0.h5"]), by=["algo", "lr"])) == 2
@@ -346,3 +346,18 @@ def test_an_unwritable_table_target_is_one_line(grid, capsys):
     assert main(["compare", str(grid), "-o", "/proc/htfl-no/t.md"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write the table to /proc/htfl-no/t.md" in err
+
+
+def test_an_option_a_file_predates_counts_as_what_it_ran_with_and_cosmetic_options_are_not_compared():
+    from fedktl_plugin.fedktl import FedKTLOptions
+    from htfl_plugins.config import compared_settings, to_dict
+
+    today = to_dict(FedKTLOptions())
+    old = {k: v for k, v in today.items() if k not in ("arcface_monotone", "centroid_stats")}
+    a = compared_settings({"options": {**old, "save_images": 10}}, FedKTLOptions)
+    b = compared_settings({"options": {**today, "arcface_monotone": False, "centroid_stats": "eval",
+                                       "save_images": 0, "gen_batch_size": 16}}, FedKTLOptions)
+    assert a == b  # the authors' target and centroid rule ran before these options existed
+    assert "options.save_images" not in a and a["options.arcface_monotone"] is False
+    assert compared_settings({"options": old}, None)["options.mu"] == today["mu"]  # not installed: as stored
+    assert "options.arcface_monotone" not in compared_settings({"options": old}, None)

@@ -3,6 +3,7 @@ tables built from it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Iterable
@@ -22,6 +23,19 @@ SETTINGS = [f.name for f in config_mod.fields_of(RunConfig) if f.name not in con
             and f.name != "options"]
 META = [*SETTINGS, "seed"]
 DONE = ("finished", "stopped_early", "diverged")  # statuses of runs that ran to their end
+
+
+@functools.cache
+def options_class(algo: str | None):
+    """The options dataclass of an installed algorithm (None where it is not
+    installed: its stored options are then compared as they are)."""
+    from htfl_plugins.errors import PluginError
+    from htfl_plugins.plugins import get_plugins
+
+    try:
+        return get_plugins().algorithm(algo).options
+    except (HtflError, PluginError):
+        return None
 
 
 def _expand(paths) -> list[Path]:
@@ -75,15 +89,15 @@ def load(paths: str | Path | Iterable, until: int | None = None, unfinished: boo
         df["path"] = str(path)
         df["status"] = run["attrs"].get("status", "")
         df["error"] = run["attrs"].get("error", "")
-        settings = config_mod.compared_settings(cfg)
+        settings = config_mod.compared_settings(cfg, options_class(cfg.get("algo")))
         if until is not None:
             df = df[df["round"] <= until].copy()
             settings["rounds"] = min(settings["rounds"], until)
         for k in SETTINGS:
             df[k] = settings[k]
         df["seed"] = cfg.get("seed")
-        opts = cfg.get("options") or {}
-        df["options"] = ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+        df["options"] = ", ".join(f"{k[len('options.'):]}={v}" for k, v in settings.items()
+                                  if k.startswith("options."))
         df["settings"] = json.dumps(settings, sort_keys=True, default=str)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)

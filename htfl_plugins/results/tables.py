@@ -92,16 +92,21 @@ def _stat(g: pd.DataFrame, metric: str, ddof: int) -> Stat:
 # ------------------------------------------------------------------ grouping
 def with_method(runs: pd.DataFrame) -> pd.DataFrame:
     """Add a ``method`` column: the run's tag, else its algorithm; where one label
-    covers several algorithms or option sets, each gets them appended."""
+    covers several algorithms or option sets, each run's label gets its algorithm
+    and the options on which they differ appended (``FedKTL (mu=0.0)``)."""
     out = runs.copy()
-    base = [t if t else a for t, a in zip(out["tag"].fillna(""), out["algo"])]
-    out["method"] = base
-    kinds = out.assign(_base=base).groupby("_base")[["algo", "options"]].nunique()
-    labels = []
-    for b, a, o in zip(base, out["algo"], out["options"].fillna("")):
-        several_algos, several_options = kinds.loc[b, "algo"] > 1, kinds.loc[b, "options"] > 1
-        parts = ([a] if several_algos and a != b else []) + ([o or "defaults"] if several_options else [])
-        labels.append(f"{b} ({', '.join(parts)})" if parts else b)
+    out["method"] = [t if t else a for t, a in zip(out["tag"].fillna(""), out["algo"])]
+    labels = out["method"].copy()
+    for base, g in out.groupby("method", sort=False):
+        several_algos = g["algo"].nunique() > 1
+        opts = [json.loads(s) for s in g["settings"]]
+        keys = sorted({k for o in opts for k in o if k.startswith("options.")})
+        differ = [k for k in keys if len({json.dumps(o.get(k), default=str) for o in opts}) > 1]
+        for idx, algo, o in zip(g.index, g["algo"], opts):
+            parts = ([algo] if several_algos and algo != base else [])
+            parts += [f"{k[len('options.'):]}={o.get(k, '–')}" for k in differ]
+            if parts:
+                labels[idx] = f"{base} ({', '.join(parts)})"
     out["method"] = labels
     return out
 
