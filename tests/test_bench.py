@@ -19,7 +19,7 @@ from tests.test_resume import StopAt, assert_same_curves
 
 SUITES = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "suites").glob("*.toml"))
 EXPECTED = {"paper-table1": 8 * 9 * 3, "paper-table2": (8 * 9 - 3) * 3, "cpu-table1": 2 * 10 * 3,
-            "cpu-table1-fmnist": 10 * 3,
+            "cpu-table1-fmnist": 10 * 3, "cpu-table1-after-update": 2 * 5 * 3,
             "cpu-clients": 3 * 10, "cpu-models": 3 * 10 * 3, "cpu-ktl-single": 3 * 3 * 3, "fedktl-centroids": 1,
             "fedktl-ablations": 2 * 3 + 7, "fedktl-default-ablations": 7, "baselines-fmnist": 11 * 3}
 

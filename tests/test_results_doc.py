@@ -14,7 +14,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DIGITS_DIR = sorted((RESULTS / "cpu-table1").glob("*digits_partition=dir*.h5"))
 
 TABLES = {
-    "cpu-table1": [RESULTS / "cpu-table1", RESULTS / "baselines-fmnist"],
+    "cpu-table1": [RESULTS / "cpu-table1", RESULTS / "cpu-table1-fmnist", RESULTS / "baselines-fmnist"],
     "cpu-models": [RESULTS / "cpu-models", *DIGITS_DIR],
 }
 
