@@ -60,12 +60,16 @@ bench: setup data
 	$(BIN)/htfl compare $(R)/baselines-fmnist --table time -o $(T)/baselines-fmnist-time.md
 	$(BIN)/htfl compare $(R)/baselines-fmnist --plot $(T)/baselines-fmnist-curves.png
 	$(BIN)/htfl bench benchmarks/suites/cpu-table1.toml --out $(R) --jobs 2
-	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/baselines-fmnist --table pivot -o $(T)/cpu-table1.md
-	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/baselines-fmnist --table pivot --metric last_acc -o $(T)/cpu-table1-last.md
-	$(BIN)/htfl compare $(R)/cpu-table1 --table time -o $(T)/cpu-table1-time.md
-	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/baselines-fmnist --table traffic -o $(T)/cpu-table1-traffic.md
+	$(BIN)/htfl bench benchmarks/suites/cpu-table1-fmnist.toml --out $(R) --jobs 2
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/cpu-table1-fmnist $(R)/baselines-fmnist --table pivot -o $(T)/cpu-table1.md
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/cpu-table1-fmnist $(R)/baselines-fmnist --table pivot --metric last_acc \
+	  -o $(T)/cpu-table1-last.md
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/cpu-table1-fmnist --table time -o $(T)/cpu-table1-time.md
+	$(BIN)/htfl compare $(R)/cpu-table1 $(R)/cpu-table1-fmnist $(R)/baselines-fmnist --table traffic \
+	  -o $(T)/cpu-table1-traffic.md
 	$(BIN)/htfl compare $(R)/cpu-table1/*digits_partition=dir* --plot $(T)/cpu-table1-digits-dir-curves.png \
 	  --plot-upload $(T)/cpu-table1-digits-dir-acc-vs-upload.png
+	$(BIN)/htfl compare $(R)/cpu-table1 --plot docs/img/cpu-table1-digits.png
 	$(BIN)/htfl bench benchmarks/suites/cpu-models.toml --out $(R) --jobs 2
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot -o $(T)/cpu-models.md
 	$(BIN)/htfl compare $(R)/cpu-models $(R)/cpu-table1/*digits_partition=dir* --table pivot --metric last_acc \
