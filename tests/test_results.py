@@ -328,16 +328,17 @@ def test_curves_have_one_panel_per_scenario_and_one_style_per_method(grid, monke
         seen["styles"] = [[(ln.get_color(), ln.get_marker(), ln.get_label()) for ln in ax.get_lines()]
                           for ax in axes]
         seen["ticks"] = [ax.get_xticks().tolist() for ax in axes]
+        seen["suptitle"] = fig._suptitle.get_text() if fig._suptitle else ""
         return original(fig, path)
 
     monkeypatch.setattr(plots, "_save", spy)
     plots.plot_curves(load(grid), tmp_path / "c.png")
-    assert seen["titles"] == ["alpha=0.5", "alpha=5.0"]
+    assert seen["titles"] == ["alpha=0.5", "alpha=5.0"] and seen["suptitle"].startswith("digits dir clients=3")
     first, second = seen["styles"]
     assert first == second and len({(c, m) for c, m, _ in first}) == 2  # two methods, two styles, same in both
     assert all(float(t).is_integer() for ticks in seen["ticks"] for t in ticks)
     plots.plot_acc_vs_upload(load(grid), tmp_path / "u.png")
-    assert seen["titles"] == ["alpha=0.5", "alpha=5.0"]
+    assert seen["titles"] == ["alpha=0.5", "alpha=5.0"] and seen["suptitle"].startswith("digits dir clients=3")
     with pytest.raises(HtflError, match="cannot write the figure"):
         plots.plot_curves(load(grid), tmp_path / "c.nosuchformat")
 

@@ -14,9 +14,11 @@ import pandas as pd
 
 from htfl_plugins.errors import HtflError
 from htfl_plugins.results.load import summarize
-from htfl_plugins.results.tables import groups, is_percent
+from htfl_plugins.results.tables import groups, is_percent, shared_scenario
 
 MARKERS = "osD^v<>pPX*h"
+NAMES = {"test_acc": "test accuracy", "test_auc": "test AUC", "train_loss": "training loss",
+         "local_loss": "local training loss"}
 
 
 def _pyplot():
@@ -82,7 +84,7 @@ def plot_curves(df: pd.DataFrame, path, title: str = "", metric: str = "test_acc
     panels = _panels(gs)
     fig, axes = _grid(plt, len(panels))
     scale = 100.0 if is_percent(column) else 1.0
-    for ax, (scenario, members) in zip(axes, panels):
+    for ax, (_, members) in zip(axes, panels):
         low, high = math.inf, -math.inf
         for g in members:
             rows = df[df["run"].isin(g.runs["run"])].dropna(subset=[column])
@@ -106,15 +108,24 @@ def plot_curves(df: pd.DataFrame, path, title: str = "", metric: str = "test_acc
             ax.set_ylim(low - pad, top)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
-        ax.set_ylabel(f"{column.replace('_', ' ')}{' (%)' if scale == 100 else ''}")
-        ax.set_title(scenario or title or "all runs", fontsize=9)
+        ax.set_ylabel(NAMES.get(column, column.replace("_", " ")) + (" (%)" if scale == 100 else ""))
         ax.grid(alpha=0.3)
+    _titles(fig, axes, panels, title or shared_scenario(pd.concat([g.runs for g in gs])))
     _legend(fig, axes, style)
-    if title and len(panels) > 1:
-        fig.suptitle(title)
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def _titles(fig, axes, panels, shared: str) -> None:
+    """Each panel named by its own scenario settings, the figure by the shared ones."""
+    if len(axes) == 1:
+        axes[0].set_title(" ".join(t for t in (shared, panels[0][0]) if t) or "all runs", fontsize=10)
+        return
+    for ax, (scenario, _) in zip(axes, panels):
+        ax.set_title(scenario, fontsize=10)
+    if shared:
+        fig.suptitle(shared)
 
 
 def _legend(fig, axes, style) -> None:
@@ -136,7 +147,7 @@ def plot_acc_vs_upload(df: pd.DataFrame, path, title: str = "", ddof: int = 1) -
     style = _styles(gs)
     panels = _panels(gs)
     fig, axes = _grid(plt, len(panels))
-    for ax, (scenario, members) in zip(axes, panels):
+    for ax, (_, members) in zip(axes, panels):
         for g in members:
             up = max(g.runs["upload_bytes"].mean(), 1.0)
             acc = g.runs["best_acc"] * 100
@@ -147,11 +158,9 @@ def plot_acc_vs_upload(df: pd.DataFrame, path, title: str = "", ddof: int = 1) -
         ax.set_xscale("log")
         ax.set_xlabel("bytes uploaded per round (all clients; 1 = nothing)")
         ax.set_ylabel("best test accuracy (%)")
-        ax.set_title(scenario or title or "all runs", fontsize=9)
         ax.grid(alpha=0.3)
+    _titles(fig, axes, panels, title or shared_scenario(pd.concat([g.runs for g in gs])))
     _legend(fig, axes, style)
-    if title and len(panels) > 1:
-        fig.suptitle(title)
     out = _save(fig, path)
     plt.close(fig)
     return out

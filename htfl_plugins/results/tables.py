@@ -118,6 +118,13 @@ def differing_settings(runs: pd.DataFrame) -> list[str]:
     return [k for k in keys if k in runs and runs[k].astype(str).nunique() > 1]
 
 
+def shared_scenario(runs: pd.DataFrame) -> str:
+    """The label of the scenario settings all ``runs`` share (``digits dir clients=10``)."""
+    keys = [k for k in ("dataset", "partition", "clients", "models")
+            if k in runs and runs[k].astype(str).nunique() == 1]
+    return _label({k: runs[k].iloc[0] for k in keys})
+
+
 def _label(values: dict) -> str:
     parts = [str(v) if k in BARE else f"{k}={v}" for k, v in values.items()]
     return " ".join(parts) or "default"
