@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from htfl_plugins.engine import Client, Server, average_by_class, weighted_average
+from htfl_plugins.engine import Client, Server, average_by_class, class_vectors_spec, weighted_average
 from htfl_plugins.errors import HtflError
 
 
@@ -203,8 +203,7 @@ class ClassVectorClient(Client):
 
     def class_vectors_spec(self) -> dict[str, tuple]:
         """One ``vector_dim()`` vector and one int64 label per held class."""
-        c = self.held_classes()
-        return {self.key: ((c, self.vector_dim()), torch.float32), self.labels_key: ((c,), torch.int64)}
+        return class_vectors_spec(self, self.key, self.labels_key, self.vector_dim(), self.held_classes())
 
     def state_dict(self):
         return {**super().state_dict(), "global_vectors": self.global_vectors,

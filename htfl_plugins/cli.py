@@ -140,6 +140,7 @@ def cmd_compare(args) -> int:
         compare_table,
         pivot_table,
         render,
+        round_column,
         rounds_table,
         std_note,
         time_table,
@@ -165,9 +166,7 @@ def cmd_compare(args) -> int:
             at = [int(r) for r in args.at.split(",")]
         except ValueError:
             raise HtflError(f"--at wants comma-separated round numbers, got {args.at!r}") from None
-        metric = {None: "test_acc", "best_acc": "test_acc", "last_acc": "test_acc",
-                  "best_auc": "test_auc"}.get(args.metric, args.metric)
-        table, index = rounds_table(df, at, metric=metric, ddof=ddof), True
+        table, index = rounds_table(df, at, metric=round_column(args.metric or "test_acc"), ddof=ddof), True
     else:
         table, index = compare_table(df, by=args.by.split(",") if args.by else None, ddof=ddof,
                                      metric=args.metric), False

@@ -218,9 +218,10 @@ def module_spec(module: nn.Module, prefix: str) -> dict[str, tuple]:
     return {prefix + n: (tuple(p.shape), p.dtype) for n, p in module.named_parameters()}
 
 
-def class_vectors_spec(client, key: str, labels_key: str, width: int) -> dict[str, tuple]:
-    """Upload spec of one ``width``-vector per local class plus the int64 labels."""
-    c = client.num_local_classes()
+def class_vectors_spec(client, key: str, labels_key: str, width: int, classes: int | None = None) -> dict[str, tuple]:
+    """Upload spec of one ``width``-vector per class plus the int64 labels: per local
+    class, or per each of ``classes`` classes where the upload holds fewer."""
+    c = client.num_local_classes() if classes is None else classes
     return {key: ((c, width), torch.float32), labels_key: ((c,), torch.int64)}
 
 

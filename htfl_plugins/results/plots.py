@@ -14,7 +14,7 @@ import pandas as pd
 
 from htfl_plugins.errors import HtflError
 from htfl_plugins.results.load import summarize
-from htfl_plugins.results.tables import groups, is_percent, shared_scenario
+from htfl_plugins.results.tables import groups, is_percent, round_column, shared_scenario
 
 MARKERS = "osD^v<>pPX*h"
 NAMES = {"test_acc": "test accuracy", "test_auc": "test AUC", "train_loss": "training loss",
@@ -65,17 +65,12 @@ def _grid(plt, n: int, width: float = 5.2, height: float = 3.8):
     return fig, list(axes.flat[:n])
 
 
-def _curve_column(metric: str) -> str:
-    """The per-round column a figure of ``metric`` draws."""
-    return {"best_acc": "test_acc", "last_acc": "test_acc", "best_auc": "test_auc"}.get(metric, metric)
-
-
 def plot_curves(df: pd.DataFrame, path, title: str = "", metric: str = "test_acc", ddof: int = 1) -> Path:
     """``metric`` (by default test accuracy) against round: the mean over seeds with a
     ±std band, one line per method, one panel per scenario."""
     from matplotlib.ticker import MaxNLocator
 
-    column = _curve_column(metric)
+    column = round_column(metric)
     if column not in df.columns:
         raise HtflError(f"--metric {metric!r}: no per-round column {column!r} in these results")
     plt = _pyplot()
@@ -90,8 +85,8 @@ def plot_curves(df: pd.DataFrame, path, title: str = "", metric: str = "test_acc
             rows = df[df["run"].isin(g.runs["run"])].dropna(subset=[column])
             if rows.empty:
                 continue
-            stats = rows.groupby("round")[column].agg(["mean", "std"])
-            stats["std"] = rows.groupby("round")[column].std(ddof=ddof)
+            per_round = rows.groupby("round")[column]
+            stats = pd.DataFrame({"mean": per_round.mean(), "std": per_round.std(ddof=ddof)})
             stats = stats.fillna({"std": 0.0}) * scale
             colour, marker = style[g.method]
             every = max(1, len(stats) // 10)

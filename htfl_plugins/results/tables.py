@@ -80,6 +80,12 @@ class Stat:
         return self.text()
 
 
+def round_column(metric: str) -> str:
+    """The per-round column behind ``metric``: test accuracy for best and last
+    accuracy, test AUC for best AUC, the metric itself otherwise."""
+    return {"best_acc": "test_acc", "last_acc": "test_acc", "best_auc": "test_auc"}.get(metric, metric)
+
+
 def is_percent(metric: str) -> bool:
     """Accuracies and AUCs are shown in percent; other metrics as they are."""
     return metric in RUN_METRICS or "acc" in metric or "auc" in metric
